@@ -1,0 +1,101 @@
+"""`python -m comfylb_ext -c config.yaml -H 0.0.0.0 -p 8100` — the standalone balancer."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from aiohttp import web
+
+from . import __version__
+from .config import Config, ConfigError, check_port, load
+
+log = logging.getLogger("comfylb_ext")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="comfylb", description="Load balancer for ComfyUI: one endpoint, many peers.")
+    ap.add_argument("-c", "--config", help="YAML config file (see config.example.yaml)")
+    ap.add_argument("-H", "--host", help="address to listen on (overrides server.host)")
+    ap.add_argument("-p", "--port", type=int, help="port to listen on (overrides server.port)")
+    ap.add_argument("--debug", action="store_true", help="verbose logs (overrides server.debug)")
+    ap.add_argument("--demo", action="store_true",
+                    help="run over two SIMULATED peers started in this process (no GPU, no ComfyUI needed)")
+    ap.add_argument("--version", action="version", version=f"comfylb {__version__}")
+    return ap.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    cfg = load(args.config) if args.config else Config()
+    if args.host:
+        cfg.server.host = args.host
+    if args.port is not None:
+        cfg.server.port = check_port("--port", args.port)
+    if args.debug:
+        cfg.server.debug = True
+    return cfg
+
+
+async def _serve(cfg: Config, demo: bool) -> None:
+    from .hosts.standalone import build_app
+
+    sims = []
+    if demo:
+        from .config import BackendConfig
+        from .sim import start_sim
+
+        for i in (1, 2):
+            server = await start_sim(port=0, name=f"sim-{i}")
+            sims.append(server)
+            cfg.backends.append(BackendConfig(name=f"sim-{i}", host="127.0.0.1", port=server.port, max_queue=2))
+        log.info("demo: two SIMULATED ComfyUI peers (no real ComfyUI, no GPU): %s",
+                 ", ".join(b.url for b in cfg.backends[-2:]))
+    runner = web.AppRunner(build_app(cfg), handle_signals=False,
+                           access_log=logging.getLogger("aiohttp.access") if cfg.server.debug else None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.server.host, cfg.server.port)
+    await site.start()
+    log.info("ComfyLB listening on http://%s:%d with %d peer(s)", cfg.server.host, cfg.server.port,
+             len(cfg.backends))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+        for server in sims:
+            await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as e:
+        print(f"comfylb: config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if cfg.server.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not cfg.backends and not args.demo:
+        log.warning("no backends configured: prompts will wait until a peer is added")
+    try:
+        asyncio.run(_serve(cfg, args.demo))
+    except OSError as e:
+        print(f"comfylb: cannot listen on {cfg.server.host}:{cfg.server.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP handlers, written once and mounted by either host."""

@@ -1,0 +1,345 @@
+"""ComfyUI's client API, answered by the coordinator in ComfyUI's exact shapes."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import mimetypes
+import os
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from ..dispatcher import Cluster
+from ..peer import Peer, PeerError
+from ..uploads import TYPES, InputStore, UploadError, split_annotation
+from ..validation import _err, error_body
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_UPLOAD_SIZE = 100 * 1024 * 1024
+_FORCE_DOWNLOAD = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
+_HOP_HEADERS = ("Content-Type", "Content-Disposition", "Content-Length", "Cache-Control", "Last-Modified", "ETag")
+
+
+def bad_request(message: str, details: str = "", typ: str = "invalid_request") -> web.Response:
+    return web.json_response(error_body(_err(typ, message, details)), status=400)
+
+
+async def read_json(request: web.Request, *, empty: Any = None) -> Any:
+    """The request's JSON body; `empty` if there is none; ValueError if it is not JSON."""
+    raw = await request.read()
+    if not raw.strip():
+        return empty
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"body is not valid JSON: {e}") from None
+
+
+class ComfyApi:
+    def __init__(self, cluster: Cluster, store: InputStore, max_upload_size: int = MAX_UPLOAD_SIZE) -> None:
+        self.cluster = cluster
+        self.store = store
+        self.max_upload_size = max_upload_size
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """(method, path, handler) for every route; hosts add the `/api` twins."""
+        return [
+            ("POST", "/prompt", self.post_prompt),
+            ("GET", "/prompt", self.get_prompt),
+            ("GET", "/queue", self.get_queue),
+            ("POST", "/queue", self.post_queue),
+            ("POST", "/interrupt", self.post_interrupt),
+            ("GET", "/history", self.get_history),
+            ("GET", "/history/{prompt_id}", self.get_history_item),
+            ("POST", "/history", self.post_history),
+            ("GET", "/view", self.view),
+            ("POST", "/upload/image", self.upload_image),
+            ("POST", "/upload/mask", self.upload_mask),
+            ("GET", "/object_info", self.object_info),
+            ("GET", "/object_info/{node_class}", self.object_info_node),
+            ("GET", "/embeddings", self.union("/embeddings")),
+            ("GET", "/extensions", self.union("/extensions")),
+            ("GET", "/models", self.union("/models")),
+            ("GET", "/models/{folder}", self.models_folder),
+            ("GET", "/features", self.features),
+            ("GET", "/system_stats", self.system_stats),
+        ]
+
+    # -- prompts and queue ---------------------------------------------------------------
+    async def post_prompt(self, request: web.Request) -> web.Response:
+        try:
+            data = await read_json(request)
+        except ValueError as e:
+            return web.json_response(error_body(_err("invalid_prompt", "Invalid JSON in request body", str(e))),
+                                     status=400)
+        status, body = self.cluster.submit(data)
+        return web.json_response(body, status=status)
+
+    async def get_prompt(self, request: web.Request) -> web.Response:
+        return web.json_response({"exec_info": {"queue_remaining": self.cluster.queue_remaining()}})
+
+    async def get_queue(self, request: web.Request) -> web.Response:
+        return web.json_response(self.cluster.queue_snapshot())
+
+    async def _ids_and_clear(self, request: web.Request) -> tuple[bool, list[str]] | web.Response:
+        try:
+            data = await read_json(request, empty={})
+        except ValueError as e:
+            return bad_request("Invalid JSON in request body", str(e))
+        if not isinstance(data, dict):
+            return bad_request("Request body must be a JSON object")
+        ids = data.get("delete", [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return bad_request("delete must be a list of prompt ids")
+        return bool(data.get("clear")), ids
+
+    async def post_queue(self, request: web.Request) -> web.Response:
+        parsed = await self._ids_and_clear(request)
+        if isinstance(parsed, web.Response):
+            return parsed
+        clear, ids = parsed
+        if clear:
+            await self.cluster.clear()
+        if ids:
+            await self.cluster.delete(ids)
+        return web.Response(status=200)
+
+    async def post_interrupt(self, request: web.Request) -> web.Response:
+        try:
+            data = await read_json(request, empty={})
+        except ValueError:
+            data = {}  # ComfyUI treats an unreadable body as "interrupt everything"
+        pid = data.get("prompt_id") if isinstance(data, dict) else None
+        await self.cluster.interrupt(str(pid) if pid is not None else None)
+        return web.Response(status=200)
+
+    # -- history ---------------------------------------------------------------------------
+    async def get_history(self, request: web.Request) -> web.Response:
+        q = request.rel_url.query
+        try:
+            max_items = int(q["max_items"]) if "max_items" in q else None
+            offset = int(q.get("offset", -1))
+        except ValueError:
+            return bad_request("max_items and offset must be integers")
+        return web.json_response(self.cluster.history.items(max_items, offset))
+
+    async def get_history_item(self, request: web.Request) -> web.Response:
+        pid = request.match_info["prompt_id"]
+        entry = self.cluster.history.get(pid)
+        return web.json_response({pid: entry} if entry is not None else {})
+
+    async def post_history(self, request: web.Request) -> web.Response:
+        parsed = await self._ids_and_clear(request)
+        if isinstance(parsed, web.Response):
+            return parsed
+        clear, ids = parsed
+        if clear:
+            self.cluster.history.clear()
+        for pid in ids:
+            self.cluster.history.delete(pid)
+        return web.Response(status=200)
+
+    # -- files -------------------------------------------------------------------------------
+    async def view(self, request: web.Request) -> web.StreamResponse:
+        q = request.rel_url.query
+        if "filename" not in q:
+            return web.Response(status=404)
+        name, annotated = split_annotation(q["filename"])
+        if not name:
+            return web.Response(status=400)
+        if name[0] == "/" or ".." in name:
+            return web.Response(status=400)
+        typ = annotated or q.get("type", "output")
+        if typ not in TYPES:
+            return web.Response(status=400)
+        sub = q.get("subfolder", "")
+        if os.path.isabs(sub) or ".." in sub.replace("\\", "/").split("/") or "\x00" in sub:
+            return web.Response(status=403)
+        base = os.path.basename(name)
+        peer = self.cluster.producer_of(typ, sub, base)
+        if peer is not None:
+            return await self._proxy(request, peer, "/view?" + request.query_string)
+        stored = self.store.lookup(typ, sub, base)
+        if stored is None:
+            return web.Response(status=404)
+        if "preview" not in q and q.get("channel", "rgba") == "rgba":
+            ctype = mimetypes.guess_type(base)[0] or "application/octet-stream"
+            if ctype in _FORCE_DOWNLOAD:
+                ctype = "application/octet-stream"
+            return web.FileResponse(self.store.path_of(stored),
+                                    headers={"Content-Disposition": f'filename="{base}"', "Content-Type": ctype})
+        # A converted view (preview/channel) needs an image library: let a peer do it.
+        peer = self.cluster.any_peer()
+        if peer is None:
+            return web.Response(status=503, text="no peer available to convert the image")
+        try:
+            await peer.deliver(stored, self.store.path_of(stored))
+        except PeerError as e:
+            return web.Response(status=502, text=str(e))
+        return await self._proxy(request, peer, "/view?" + request.query_string)
+
+    async def _proxy(self, request: web.Request, peer: Peer, path: str) -> web.StreamResponse:
+        try:
+            upstream = await peer.open_stream("GET", path)
+        except PeerError as e:
+            log.warning("view from %s failed: %s", peer.name, e)
+            return web.Response(status=502, text=f"peer {peer.name} unreachable")
+        try:
+            resp = web.StreamResponse(status=upstream.status,
+                                      headers={h: upstream.headers[h] for h in _HOP_HEADERS if h in upstream.headers})
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_chunked(256 * 1024):
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        finally:
+            upstream.release()
+
+    async def _upload_form(self, request: web.Request):
+        try:
+            post = await request.post()
+        except Exception as e:  # aiohttp raises several types for a broken multipart body
+            return bad_request("Could not read the upload form", str(e)[:200])
+        image = post.get("image")
+        if not isinstance(image, web.FileField) or not image.filename:
+            return bad_request("The form needs an 'image' file with a file name")
+        typ = str(post.get("type") or "input")
+        if typ not in TYPES:
+            return bad_request(f"type must be one of {', '.join(TYPES)}", typ)
+        data = image.file.read()
+        if not data:
+            return bad_request("The uploaded file is empty", image.filename)
+        return post, image, typ, data
+
+    async def upload_image(self, request: web.Request) -> web.Response:
+        form = await self._upload_form(request)
+        if isinstance(form, web.Response):
+            return form
+        post, image, typ, data = form
+        sub = str(post.get("subfolder", ""))
+        try:
+            f = self.store.save(data, image.filename, sub, typ, overwrite=post.get("overwrite") in ("true", "1"))
+        except UploadError as e:
+            return bad_request("Invalid upload path", str(e))
+        return web.json_response({"name": f.filename, "subfolder": sub, "type": typ})
+
+    async def upload_mask(self, request: web.Request) -> web.Response:
+        """The alpha of the mask goes into the referenced image.  That needs an image
+        library, so a peer composites it; the coordinator keeps the result."""
+        form = await self._upload_form(request)
+        if isinstance(form, web.Response):
+            return form
+        post, image, typ, data = form
+        try:
+            ref = json.loads(post.get("original_ref") or "")
+            ref_name, ref_type = split_annotation(str(ref["filename"]))
+            ref_type = ref_type or ref.get("type") or "input"
+            ref_sub = str(ref.get("subfolder") or "")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return bad_request("original_ref must be JSON naming the image: {\"filename\": ...}")
+        peer = self.cluster.producer_of(ref_type, ref_sub, ref_name)
+        stored = self.store.lookup(ref_type, ref_sub, ref_name)
+        if peer is None and stored is None:
+            return bad_request("The image the mask belongs to is unknown", ref_name)
+        peer = peer or self.cluster.any_peer()
+        if peer is None:
+            return web.Response(status=503, text="no peer available to apply the mask")
+        sub = str(post.get("subfolder", ""))
+        try:
+            if stored is not None and self.cluster.producer_of(ref_type, ref_sub, ref_name) is None:
+                await peer.deliver(stored, self.store.path_of(stored))
+            composited = await _peer_mask(peer, data, image.filename, post.get("original_ref"))
+            f = self.store.save(composited, image.filename, sub, typ,
+                                overwrite=post.get("overwrite") in ("true", "1"))
+        except PeerError as e:
+            return web.Response(status=502, text=str(e))
+        except UploadError as e:
+            return bad_request("Invalid upload path", str(e))
+        return web.json_response({"name": f.filename, "subfolder": sub, "type": typ})
+
+    # -- node definitions and peer facts -------------------------------------------------------
+    async def object_info(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._catalog())
+
+    async def object_info_node(self, request: web.Request) -> web.Response:
+        cls = request.match_info["node_class"]
+        catalog = await self._catalog()
+        return web.json_response({cls: catalog[cls]} if cls in catalog else {})
+
+    async def _catalog(self) -> dict:
+        catalog = self.cluster.catalog()
+        if catalog is None:
+            await asyncio.gather(*(self.cluster._refresh_object_info(p) for p in self._live()))
+            catalog = self.cluster.catalog()
+        return catalog or {}
+
+    def _live(self) -> list[Peer]:
+        return [p for p in self.cluster.peers.values() if p.linked and not p.removed]
+
+    def union(self, path: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            return web.json_response(await self._union(path))
+        return handler
+
+    async def _union(self, path: str) -> list:
+        results = await asyncio.gather(*(p.get_json(path, timeout=10) for p in self._live()),
+                                       return_exceptions=True)
+        merged: dict = {}
+        for r in results:
+            if isinstance(r, list):
+                for item in r:
+                    merged.setdefault(json.dumps(item, sort_keys=True), item)
+        return list(merged.values())
+
+    async def models_folder(self, request: web.Request) -> web.Response:
+        folder = request.match_info["folder"]
+        known = await self._union("/models")
+        if folder not in known:
+            return web.Response(status=404)
+        return web.json_response(await self._union(f"/models/{folder}"))
+
+    async def features(self, request: web.Request) -> web.Response:
+        return web.json_response({"supports_preview_metadata": True,
+                                  "max_upload_size": self.max_upload_size})
+
+    async def system_stats(self, request: web.Request) -> web.Response:
+        system: dict | None = None
+        devices: list[dict] = []
+        for p in self.cluster.peers.values():
+            stats = p.system_stats
+            if not stats or p.removed:
+                continue
+            if system is None and p.available:
+                system = stats.get("system")
+            for d in stats.get("devices", []):
+                devices.append({**d, "peer": p.name})
+        if system is None:
+            system = next((p.system_stats.get("system") for p in self.cluster.peers.values()
+                           if p.system_stats), {})
+        return web.json_response({"system": system, "devices": devices})
+
+
+async def _peer_mask(peer: Peer, data: bytes, filename: str, original_ref: Any) -> bytes:
+
+    form = aiohttp.FormData()
+    form.add_field("image", data, filename=filename)
+    form.add_field("original_ref", str(original_ref))
+    form.add_field("subfolder", "comfylb-masks")
+    form.add_field("type", "temp")
+    form.add_field("overwrite", "true")
+    status, body = await peer.request("POST", "/upload/mask", data=form)
+    if status != 200 or not isinstance(body, dict):
+        raise PeerError(f"mask refused by {peer.name}: HTTP {status}")
+    params = {"filename": body["name"], "subfolder": body.get("subfolder", ""), "type": body.get("type", "temp")}
+    t = aiohttp.ClientTimeout(total=peer.request_timeout)
+    try:
+        async with peer.session.get(peer.url + "/view", params=params, timeout=t) as r:
+            if r.status != 200:
+                raise PeerError(f"composited mask missing on {peer.name}: HTTP {r.status}")
+            return await r.read()
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+        raise PeerError(str(e)) from e

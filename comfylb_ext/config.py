@@ -1,0 +1,231 @@
+"""The configuration file: schema, defaults and validation.
+
+Pure: turns a mapping (parsed YAML) into typed, validated settings.  Every error names
+the file and the field, so the CLI can print one line and stop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+STRATEGIES = ("least_busy", "round_robin", "weighted")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A bad setting: `str(err)` is one line naming the file and the field."""
+
+    def __init__(self, field: str, message: str, source: str | None = None):
+        self.field, self.message, self.source = field, message, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field}: {message}")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8100
+    debug: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    strategy: str = "least_busy"
+    prefer_idle: bool = True
+
+
+@dataclass
+class HealthCheckConfig:
+    interval: float = 5.0
+    timeout: float = 3.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 1
+
+
+@dataclass
+class QueueConfig:
+    max_size: int = 1000
+    retry_interval: float = 1.0
+    max_retries: int = 3
+
+
+@dataclass
+class BackendConfig:
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 8188
+    weight: float = 1
+    max_queue: int = 10
+    enabled: bool = True
+    scheme: str = "http"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass
+class StorageConfig:
+    # Where the coordinator keeps uploaded inputs (and, later, its state).
+    dir: str = "comfylb-data"
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    backends: list[BackendConfig] = field(default_factory=list)
+    source: str | None = None
+
+
+_TYPES = {"float": float, "int": int, "bool": bool, "str": str}
+
+
+def _check_type(path: str, value: Any, typ: type) -> Any:
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        return float(value)
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        return value
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if typ is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(path, f"expected a non-empty string, got {value!r}")
+        return value
+    raise AssertionError(typ)
+
+
+def _section(cls, raw: Any, path: str, **extra):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = {name: _TYPES[f.type] for name, f in fields.items()}
+    values = dict(extra)
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{path}.{key}", f"unknown setting (known: {', '.join(fields)})")
+        values[key] = _check_type(f"{path}.{key}", value, hints[key])
+    try:
+        return cls(**values)
+    except TypeError:
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values]
+        raise ConfigError(f"{path}.{missing[0]}", "is required") from None
+
+
+def check_port(path: str, port: int) -> int:
+    if not 1 <= port <= 65535:
+        raise ConfigError(path, f"port must be 1-65535, got {port}")
+    return port
+
+
+def parse_backend(raw: Any, path: str = "backend") -> BackendConfig:
+    """A peer definition, from the config file or from `POST /lb/backends`."""
+    if isinstance(raw, dict) and "name" in raw and not isinstance(raw["name"], str):
+        raise ConfigError(f"{path}.name", f"expected a non-empty string, got {raw['name']!r}")
+    if isinstance(raw, dict) and isinstance(raw.get("host"), str) and "://" in raw["host"]:
+        raw = dict(raw)
+        scheme, _, rest = raw["host"].partition("://")
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"{path}.host", f"only http and https peers are supported, got {scheme!r}")
+        raw["scheme"], raw["host"] = scheme, rest.rstrip("/")
+    b = _section(BackendConfig, raw, path)
+    if not _NAME.match(b.name):
+        raise ConfigError(f"{path}.name", "use letters, digits, '-', '_' or '.' (at most 64)")
+    if b.scheme not in ("http", "https"):
+        raise ConfigError(f"{path}.scheme", f"only http and https peers are supported, got {b.scheme!r}")
+    if "/" in b.host or not b.host.strip():
+        raise ConfigError(f"{path}.host", f"expected a host name or address, got {b.host!r}")
+    check_port(f"{path}.port", b.port)
+    if b.weight <= 0:
+        raise ConfigError(f"{path}.weight", f"must be greater than 0, got {b.weight}")
+    if b.max_queue < 1:
+        raise ConfigError(f"{path}.max_queue", f"must be at least 1, got {b.max_queue}")
+    return b
+
+
+def parse(raw: Any, source: str | None = None) -> Config:
+    try:
+        return _parse(raw, source)
+    except ConfigError as e:
+        raise ConfigError(e.field, e.message, source) from None
+
+
+def _parse(raw: Any, source: str | None) -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", "expected a mapping of sections")
+    known = {"server", "scheduler", "health_check", "queue", "storage", "backends"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(str(key), f"unknown section (known: {', '.join(sorted(known))})")
+    cfg = Config(
+        server=_section(ServerConfig, raw.get("server"), "server"),
+        scheduler=_section(SchedulerConfig, raw.get("scheduler"), "scheduler"),
+        health_check=_section(HealthCheckConfig, raw.get("health_check"), "health_check"),
+        queue=_section(QueueConfig, raw.get("queue"), "queue"),
+        storage=_section(StorageConfig, raw.get("storage"), "storage"),
+        source=source,
+    )
+    check_port("server.port", cfg.server.port)
+    if cfg.scheduler.strategy not in STRATEGIES:
+        raise ConfigError("scheduler.strategy",
+                          f"unknown strategy {cfg.scheduler.strategy!r} (one of {', '.join(STRATEGIES)})")
+    hc = cfg.health_check
+    for name in ("interval", "timeout"):
+        if getattr(hc, name) <= 0:
+            raise ConfigError(f"health_check.{name}", "must be greater than 0")
+    for name in ("unhealthy_threshold", "healthy_threshold"):
+        if getattr(hc, name) < 1:
+            raise ConfigError(f"health_check.{name}", "must be at least 1")
+    if cfg.queue.max_size < 1:
+        raise ConfigError("queue.max_size", "must be at least 1")
+    if cfg.queue.retry_interval < 0:
+        raise ConfigError("queue.retry_interval", "must not be negative")
+    if cfg.queue.max_retries < 0:
+        raise ConfigError("queue.max_retries", "must not be negative")
+    backends = raw.get("backends") or []
+    if not isinstance(backends, list):
+        raise ConfigError("backends", "expected a list of peers")
+    seen: set[str] = set()
+    for i, item in enumerate(backends):
+        b = parse_backend(item, f"backends[{i}]")
+        if b.name in seen:
+            raise ConfigError(f"backends[{i}].name", f"duplicate backend name {b.name!r}")
+        seen.add(b.name)
+        cfg.backends.append(b)
+    return cfg
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read and validate a YAML config file."""
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError("(file)", "not found", path) from None
+    except OSError as e:
+        raise ConfigError("(file)", e.strerror or str(e), path) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(file)"
+        raise ConfigError(where, f"not valid YAML: {getattr(e, 'problem', None) or e}", path) from None
+    return parse(raw, path)

@@ -1,0 +1,488 @@
+"""The coordinator: moves tasks from the queue to peers and their events back to clients.
+
+Event-driven: every change that can free capacity (a peer's terminal event, a peer
+linking or turning healthy, a new task) calls `pump()`, which hands out work at once.
+Nothing polls between "a peer is free" and "the peer has work".
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import logging
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import aiohttp
+
+from . import validation
+from .config import BackendConfig, Config
+from .health import HealthChecker
+from .history import History
+from .peer import Peer, PeerError
+from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview
+from .scheduler import SchedulerState, pick
+from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, Numbering, Task,
+                    TaskQueue)
+from .uploads import InputStore
+
+log = logging.getLogger(__name__)
+
+TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+# Events the coordinator keeps for a history entry it must write itself.
+_STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Cluster:
+    def __init__(self, cfg: Config, hub: Hub, store: InputStore) -> None:
+        self.cfg = cfg
+        self.relay = Relay(hub)
+        self.store = store
+        self.peers: dict[str, Peer] = {}
+        self.queue = TaskQueue()
+        self.tasks: dict[str, Task] = {}      # every task not yet finished
+        self.history = History()
+        self.numbering = Numbering()
+        self.sched = SchedulerState(cfg.scheduler.strategy, cfg.scheduler.prefer_idle)
+        self.files: dict[tuple[str, str, str], str] = {}   # (type, subfolder, filename) → peer
+        self.client_id = "comfylb-" + uuid.uuid4().hex
+        self.counts: Counter[str] = Counter()
+        self.started_at = time.time()
+        self._picks = itertools.count()
+        self._catalog: dict[str, dict] | None = None
+        self._bg: set[asyncio.Task] = set()
+        self.session: aiohttp.ClientSession | None = None
+        self.health = HealthChecker(cfg.health_check, lambda: self.peers.values(), self.check_peer)
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300),
+            auto_decompress=False)
+        for b in self.cfg.backends:
+            self.add_peer(b)
+        self.health.start()
+        log.info("coordinator up with %d peer(s), strategy %s", len(self.peers), self.sched.strategy)
+
+    async def stop(self) -> None:
+        await self.health.stop()
+        await asyncio.gather(*(p.stop() for p in self.peers.values()), return_exceptions=True)
+        for t in list(self._bg):
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        if self.session:
+            await self.session.close()
+
+    def spawn(self, coro) -> asyncio.Task:
+        t = asyncio.create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+        t.add_done_callback(_log_crash)
+        return t
+
+    def add_peer(self, b: BackendConfig) -> Peer:
+        assert self.session is not None
+        peer = Peer(b, self.session, self.client_id, self, self.cfg.health_check.timeout * 10)
+        self.peers[b.name] = peer
+        peer.start()
+        self.spawn(self.check_peer(peer))
+        return peer
+
+    # -- health --------------------------------------------------------------------
+    async def check_peer(self, peer: Peer) -> None:
+        try:
+            stats = await peer.get_json("/system_stats", timeout=self.cfg.health_check.timeout)
+            ok, error = isinstance(stats, dict), None
+            if ok:
+                peer.system_stats = stats
+        except PeerError as e:
+            ok, error = False, str(e)
+        if peer.health.record(ok, self.cfg.health_check, error):
+            if ok:
+                log.info("peer %s: healthy", peer.name)
+            else:
+                log.warning("peer %s: unhealthy: %s", peer.name, error)
+            self.pump()
+
+    # -- submission ----------------------------------------------------------------
+    def catalog(self) -> dict[str, dict] | None:
+        """Union of the peers' node definitions (None until a peer has answered)."""
+        if self._catalog is None:
+            infos = [p.object_info for p in self.peers.values() if p.object_info and not p.removed]
+            if not infos:
+                return None
+            merged: dict[str, dict] = {}
+            for info in infos:
+                for k, v in info.items():
+                    merged.setdefault(k, v)
+            self._catalog = merged
+        return self._catalog
+
+    def submit(self, data: Any) -> tuple[int, dict]:
+        """POST /prompt: (status, body) in ComfyUI's shapes."""
+        if not isinstance(data, dict):
+            return 400, validation.error_body(validation._err(
+                "invalid_prompt", "Request body must be a JSON object.", type(data).__name__))
+        try:
+            number = self.numbering.assign(data.get("number"), data.get("front"))
+        except (TypeError, ValueError):
+            return 400, validation.error_body(validation._err(
+                "invalid_prompt", "number must be a number", repr(data.get("number"))))
+        if "prompt" not in data:
+            return 400, validation.error_body(validation._err("no_prompt", "No prompt provided", "No prompt provided"))
+        prompt = data["prompt"]
+        prompt_id = str(data["prompt_id"]) if data.get("prompt_id") is not None else str(uuid.uuid4())
+        partial = data.get("partial_execution_targets")
+        if partial is not None and not (isinstance(partial, list) and all(isinstance(x, str) for x in partial)):
+            return 400, validation.error_body(validation._err(
+                "invalid_prompt", "partial_execution_targets must be a list of node ids", repr(partial)[:200]))
+        ok, error, outputs, node_errors = validation.validate(prompt, self.catalog(), partial)
+        if not ok:
+            return 400, validation.error_body(error, node_errors)
+        if prompt_id in self.tasks:
+            return 400, validation.error_body(validation._err(
+                "invalid_prompt", "A prompt with this prompt_id is already queued.", prompt_id))
+        if len(self.queue) >= self.cfg.queue.max_size:
+            return 503, validation.error_body(validation._err(
+                "queue_full", "The queue is full; try again later.",
+                f"{len(self.queue)} prompts are waiting (queue.max_size)"))
+        extra = data.get("extra_data") or {}
+        if not isinstance(extra, dict):
+            return 400, validation.error_body(validation._err("invalid_prompt", "extra_data must be an object", ""))
+        extra = dict(extra)
+        client_id = data.get("client_id")
+        if client_id is not None:
+            extra["client_id"] = client_id
+        task = Task(prompt_id, number, prompt, extra, outputs,
+                    client_id=str(client_id) if client_id else None, partial_targets=partial)
+        self.tasks[prompt_id] = task
+        self.queue.push(task)
+        self.counts["submitted"] += 1
+        self.pump()
+        self.spawn(self.broadcast_status())
+        return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+
+    # -- dispatch ------------------------------------------------------------------
+    def pump(self) -> None:
+        """Hand queued tasks to peers with room, best first, until one side runs out."""
+        while True:
+            task = self.queue.first()
+            if task is None:
+                return
+            chosen = pick([p.view() for p in self.peers.values()], self.sched)
+            if chosen is None:
+                return
+            self.queue.pop()
+            peer = self.peers[chosen.name]
+            peer.last_pick = next(self._picks)
+            task.state, task.peer = DISPATCHED, peer.name
+            task.attempts += 1
+            task.dispatched_at = time.time()
+            peer.assign(task)
+            self.spawn(self._send(task, peer))
+
+    def _payload(self, task: Task) -> dict:
+        body = {"prompt": task.prompt, "client_id": self.client_id, "prompt_id": task.prompt_id,
+                "extra_data": {k: v for k, v in task.extra_data.items() if k != "client_id"}}
+        if task.partial_targets is not None:
+            body["partial_execution_targets"] = task.partial_targets
+        return body
+
+    async def _send(self, task: Task, peer: Peer) -> None:
+        try:
+            for f in self.store.references(task.prompt):
+                await peer.deliver(f, self.store.path_of(f))
+            status, body = await peer.post_json("/prompt", self._payload(task))
+        except PeerError as e:
+            if peer.tasks.get(task.prompt_id) is task and task.state == DISPATCHED:
+                log.warning("peer %s: could not take %s (%s); back to the queue", peer.name, task.prompt_id, e)
+                peer.forget(task.prompt_id)
+                self._requeue(task)
+            return
+        if status == 200:
+            return
+        if peer.tasks.get(task.prompt_id) is not task:
+            return
+        log.info("peer %s rejected %s: HTTP %s", peer.name, task.prompt_id, status)
+        peer.forget(task.prompt_id)
+        await self._fail(task, _rejection_message(task, peer.name, status, body))
+        self.pump()
+
+    def _requeue(self, task: Task) -> None:
+        task.peer = None
+        self.counts["retried"] += 1
+        self.queue.push(task, keep_seq=True)
+        self.pump()
+
+    async def _fail(self, task: Task, error: dict) -> None:
+        """End a task that no peer ran: execution_error to its client and into history."""
+        task.state, task.finished_at = FAILED, time.time()
+        task.error = error.get("exception_message")
+        entry = {"prompt": task.queue_item(), "outputs": {},
+                 "status": {"status_str": "error", "completed": False, "messages": [["execution_error", error]]},
+                 "meta": {}}
+        self.history.add(task.prompt_id, entry)
+        self.tasks.pop(task.prompt_id, None)
+        self.counts["failed"] += 1
+        await self.relay.json(task.client_id, "execution_error", error)
+        await self.broadcast_status()
+        await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": task.prompt_id})
+
+    # -- peer events ---------------------------------------------------------------
+    async def on_link_up(self, peer: Peer) -> None:
+        self.spawn(self._refresh_object_info(peer))
+        if peer.tasks:
+            self.spawn(self._reconcile(peer))
+        self.pump()
+
+    async def on_link_down(self, peer: Peer, reason: str) -> None:
+        self.spawn(self._recover_after(peer))
+        self.spawn(self.broadcast_status())
+
+    async def _recover_after(self, peer: Peer) -> None:
+        """A peer that stays unreachable for retry_interval loses its prompts to others."""
+        await asyncio.sleep(self.cfg.queue.retry_interval)
+        if peer.linked:
+            return  # it came back: on_link_up reconciles
+        for task in list(peer.tasks.values()):
+            peer.forget(task.prompt_id)
+            await self._retry_or_fail(task, f"peer {peer.name} was lost ({peer.link_error})")
+
+    async def _retry_or_fail(self, task: Task, reason: str) -> None:
+        if task.attempts > self.cfg.queue.max_retries:
+            log.error("giving up on %s after %d attempts: %s", task.prompt_id, task.attempts, reason)
+            await self._fail(task, {
+                "prompt_id": task.prompt_id, "node_id": None, "node_type": None, "executed": [],
+                "exception_message": f"{reason}; gave up after {task.attempts} attempts "
+                                     f"(queue.max_retries = {self.cfg.queue.max_retries})",
+                "exception_type": "comfylb.PeerLost", "traceback": [], "current_inputs": {},
+                "current_outputs": [], "timestamp": _now_ms()})
+            return
+        log.warning("%s: %s; dispatching it again (attempt %d)", task.prompt_id, reason, task.attempts + 1)
+        task.messages.clear()
+        self._requeue(task)
+
+    async def _reconcile(self, peer: Peer) -> None:
+        """After a reconnect: finish what the peer finished while we were away and take
+        back what it no longer has."""
+        for task in list(peer.tasks.values()):
+            pid = task.prompt_id
+            try:
+                hist = await peer.get_json(f"/history/{pid}")
+                queue = await peer.get_json("/queue") if pid not in hist else {}
+            except PeerError:
+                return  # the link will drop again and _recover_after takes over
+            if peer.tasks.get(pid) is not task:
+                continue
+            if pid in hist:
+                messages = ((hist[pid].get("status") or {}).get("messages")) or []
+                if messages and messages[-1][0] in TERMINAL_EVENTS:
+                    peer.release(pid)
+                    await self.relay.json(task.client_id, messages[-1][0], messages[-1][1])
+                await self._finish(task, peer)
+                continue
+            held = {item[1] for key in ("queue_running", "queue_pending") for item in queue.get(key, [])
+                    if isinstance(item, list) and len(item) > 1}
+            if pid not in held:
+                peer.forget(pid)
+                await self._retry_or_fail(task, f"peer {peer.name} no longer has it")
+        self.pump()
+
+    async def _refresh_object_info(self, peer: Peer) -> None:
+        try:
+            peer.object_info = await peer.get_json("/object_info", timeout=60)
+            self._catalog = None
+        except PeerError as e:
+            log.warning("peer %s: no /object_info: %s", peer.name, e)
+
+    async def on_message(self, peer: Peer, msg: dict) -> None:
+        event, data = msg.get("type"), msg.get("data")
+        if not isinstance(data, dict):
+            return
+        pid = data.get("prompt_id")
+        task = peer.tasks.get(pid) if pid else None
+        if task is None:
+            return  # the peer's own status broadcasts, or prompts not ours
+        if event == "execution_start":
+            task.state, task.started_at = RUNNING, time.time()
+            peer.running = pid
+            self.spawn(self.broadcast_status())
+        elif event == "executed":
+            self._record_outputs(peer, (data.get("output") or {}))
+        if event in _STATUS_EVENTS:
+            task.messages.append([event, data])
+        if event in TERMINAL_EVENTS:
+            peer.release(pid)
+            if task.started_at:
+                peer.jobs_done += 1
+                peer.job_time_total += time.time() - task.started_at
+            self.pump()
+        if event == "executing" and data.get("node") is None:
+            await self._finish(task, peer)
+            return
+        await self.relay.json(task.client_id, event, data)
+
+    async def on_binary(self, peer: Peer, data: bytes) -> None:
+        if len(data) < 4:
+            return
+        event = int.from_bytes(data[:4], "big")
+        payload = data[4:]
+        if event == PREVIEW_IMAGE_WITH_METADATA:
+            parsed = parse_preview(payload)
+            task = peer.tasks.get(parsed[0].get("prompt_id")) if parsed else None
+            if task is not None:
+                await self.relay.preview(task.client_id, payload)
+            return
+        task = peer.tasks.get(peer.running) if peer.running else None
+        if task is not None:
+            await self.relay.binary(task.client_id, event, payload)
+
+    def _record_outputs(self, peer: Peer, outputs: dict) -> None:
+        for items in outputs.values():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                    key = (item.get("type") or "output", item.get("subfolder") or "", item["filename"])
+                    self.files[key] = peer.name
+
+    async def _finish(self, task: Task, peer: Peer) -> None:
+        """The peer is done with the prompt: record history, then tell the client."""
+        peer.forget(task.prompt_id)
+        entry = None
+        try:
+            got = await peer.get_json(f"/history/{task.prompt_id}", timeout=10)
+            entry = got.get(task.prompt_id) if isinstance(got, dict) else None
+        except PeerError as e:
+            log.warning("peer %s: history of %s unavailable (%s); using relayed events", peer.name, task.prompt_id, e)
+        if not isinstance(entry, dict):
+            entry = {"outputs": {}, "meta": {}, "status": None}
+        entry = dict(entry)
+        outputs = (entry.get("prompt") or [None] * 5)[4] if len(entry.get("prompt") or []) > 4 else task.outputs
+        item = task.queue_item()
+        item[4] = list(outputs or task.outputs)
+        entry["prompt"] = item
+        if not entry.get("status"):
+            ok = any(m[0] == "execution_success" for m in task.messages)
+            entry["status"] = {"status_str": "success" if ok else "error", "completed": ok,
+                               "messages": copy.deepcopy(task.messages)}
+        self._record_outputs(peer, entry.get("outputs") or {})
+        self.history.add(task.prompt_id, entry)
+        ok = entry["status"].get("status_str") == "success"
+        task.state, task.finished_at = (DONE if ok else FAILED), time.time()
+        self.tasks.pop(task.prompt_id, None)
+        self.counts["completed" if ok else "failed"] += 1
+        await self.broadcast_status()
+        await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": task.prompt_id})
+
+    # -- queue control ---------------------------------------------------------------
+    def queue_remaining(self) -> int:
+        return len(self.tasks)
+
+    async def broadcast_status(self) -> None:
+        await self.relay.status(self.queue_remaining())
+
+    def queue_snapshot(self) -> dict:
+        running = [t for t in self.tasks.values() if t.state == RUNNING]
+        waiting = [t for t in self.tasks.values() if t.state == DISPATCHED]
+        waiting.sort(key=lambda t: (t.number, t.seq))
+        pending = waiting + list(self.queue)
+        return {"queue_running": [t.queue_item() for t in running],
+                "queue_pending": [t.queue_item() for t in pending]}
+
+    async def delete(self, prompt_ids: list[str]) -> None:
+        """POST /queue {delete}: pending prompts leave the queue; dispatched ones are
+        deleted on their peer; running ones are left alone, as in ComfyUI."""
+        for pid in prompt_ids:
+            task = self.queue.remove(pid)
+            if task is not None:
+                self._cancelled(task)
+                continue
+            task = self.tasks.get(pid)
+            if task is not None and task.state == DISPATCHED and task.peer in self.peers:
+                await self._delete_on_peer(task, self.peers[task.peer])
+        await self.broadcast_status()
+        self.pump()
+
+    async def clear(self) -> None:
+        for task in self.queue.clear():
+            self._cancelled(task)
+        for task in [t for t in self.tasks.values() if t.state == DISPATCHED]:
+            if task.peer in self.peers:
+                await self._delete_on_peer(task, self.peers[task.peer])
+        await self.broadcast_status()
+        self.pump()
+
+    async def _delete_on_peer(self, task: Task, peer: Peer) -> None:
+        try:
+            await peer.post_json("/queue", {"delete": [task.prompt_id]})
+            q = await peer.get_json("/queue")
+        except PeerError as e:
+            log.warning("peer %s: could not delete %s: %s", peer.name, task.prompt_id, e)
+            return
+        still = {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key, [])
+                 if isinstance(item, list) and len(item) > 1}
+        if task.prompt_id not in still and task.state == DISPATCHED and peer.tasks.get(task.prompt_id) is task:
+            peer.forget(task.prompt_id)
+            self._cancelled(task)
+
+    def _cancelled(self, task: Task) -> None:
+        task.state, task.finished_at = CANCELLED, time.time()
+        self.tasks.pop(task.prompt_id, None)
+        self.counts["cancelled"] += 1
+
+    async def interrupt(self, prompt_id: str | None) -> None:
+        if prompt_id is not None:
+            task = self.tasks.get(prompt_id)
+            targets = [(self.peers.get(task.peer), {"prompt_id": prompt_id})] if task and task.peer else []
+        else:
+            targets = [(p, {}) for p in self.peers.values() if p.running or p.inflight]
+        for peer, body in targets:
+            if peer is None:
+                continue
+            try:
+                await peer.post_json("/interrupt", body)
+            except PeerError as e:
+                log.warning("peer %s: interrupt failed: %s", peer.name, e)
+
+    # -- files -------------------------------------------------------------------------
+    def producer_of(self, typ: str, subfolder: str, filename: str) -> Peer | None:
+        name = self.files.get((typ, subfolder, filename))
+        peer = self.peers.get(name) if name else None
+        return peer if peer is not None and not peer.removed else None
+
+    def any_peer(self) -> Peer | None:
+        ready = [p for p in self.peers.values() if p.available]
+        return min(ready, key=lambda p: len(p.inflight)) if ready else None
+
+
+def _rejection_message(task: Task, peer: str, status: int, body: Any) -> dict:
+    """A peer's refusal at dispatch, as the execution_error a client understands."""
+    node_id = node_type = None
+    lines = []
+    if isinstance(body, dict):
+        err = body.get("error") or {}
+        if isinstance(err, dict):
+            lines.append(f"{err.get('message', '')}: {err.get('details', '')}".strip(": "))
+        for nid, ne in (body.get("node_errors") or {}).items():
+            node_id = node_id or nid
+            node_type = node_type or ne.get("class_type")
+            for e in ne.get("errors", []):
+                lines.append(f"{ne.get('class_type', nid)} {nid}: {e.get('message', '')}: {e.get('details', '')}")
+    else:
+        lines.append(str(body)[:500])
+    return {"prompt_id": task.prompt_id, "node_id": node_id, "node_type": node_type, "executed": [],
+            "exception_message": f"Peer {peer} refused the prompt (HTTP {status}): " + "\n".join(lines),
+            "exception_type": "comfylb.PeerRejected", "traceback": [], "current_inputs": {},
+            "current_outputs": [], "timestamp": _now_ms()}
+
+
+def _log_crash(t: asyncio.Task) -> None:
+    if not t.cancelled() and t.exception() is not None:
+        log.error("background task failed", exc_info=t.exception())

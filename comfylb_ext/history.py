@@ -1,0 +1,61 @@
+"""Coordinator-wide history, as ComfyUI's PromptQueue keeps it (pure data, no I/O).
+
+Entries are kept in completion order and numbered in completion order: ComfyUI's frontend
+only appends history items whose `prompt[0]` is larger than the newest it has seen, so with
+parallel peers the number must grow with completion, not with submission (api.md §2.5).
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+MAXIMUM_HISTORY_SIZE = 10000
+
+
+class History:
+    def __init__(self, max_size: int = MAXIMUM_HISTORY_SIZE) -> None:
+        self._entries: OrderedDict[str, dict] = OrderedDict()
+        self.max_size = max_size
+        self.counter = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, prompt_id: str) -> bool:
+        return prompt_id in self._entries
+
+    def add(self, prompt_id: str, entry: dict) -> dict:
+        """Store an entry (ComfyUI's shape); its `prompt[0]` becomes the next completion number."""
+        entry = dict(entry)
+        prompt = list(entry.get("prompt") or [])
+        if prompt:
+            prompt[0] = self.counter
+        entry["prompt"] = prompt
+        self.counter += 1
+        self._entries.pop(prompt_id, None)
+        self._entries[prompt_id] = entry
+        while len(self._entries) > self.max_size:
+            self._entries.popitem(last=False)
+        return entry
+
+    def get(self, prompt_id: str) -> dict | None:
+        entry = self._entries.get(prompt_id)
+        return copy.deepcopy(entry) if entry is not None else None
+
+    def items(self, max_items: int | None = None, offset: int = -1) -> dict:
+        """GET /history: ComfyUI's PromptQueue.get_history paging, to the letter."""
+        out: dict[str, dict] = {}
+        if offset < 0 and max_items is not None:
+            offset = len(self._entries) - max_items
+        for i, (k, v) in enumerate(self._entries.items()):
+            if i >= offset:
+                out[k] = v
+                if max_items is not None and len(out) >= max_items:
+                    break
+        return copy.deepcopy(out)
+
+    def delete(self, prompt_id: str) -> None:
+        self._entries.pop(prompt_id, None)
+
+    def clear(self) -> None:
+        self._entries.clear()

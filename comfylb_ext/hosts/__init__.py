@@ -1,0 +1,1 @@
+"""Hosts wire the core into a server: `standalone` (own aiohttp app) or `comfyui`."""

@@ -1,0 +1,118 @@
+"""The standalone host: ComfyLB's own aiohttp server in front of the peers."""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from ..api.comfy import MAX_UPLOAD_SIZE, ComfyApi
+from ..config import Config
+from ..dispatcher import Cluster
+from ..uploads import InputStore
+
+log = logging.getLogger(__name__)
+
+CLUSTER = web.AppKey("cluster", Cluster)
+
+
+class SocketHub:
+    """Client websockets by sid.  Several sockets may share a sid (a client that
+    reconnects with the same clientId before its old socket is gone): all receive,
+    and closing the old one never silences the new one."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[str, set[web.WebSocketResponse]] = {}
+        self.flags: dict[str, dict] = {}
+
+    def add(self, sid: str, ws: web.WebSocketResponse) -> None:
+        self.sockets.setdefault(sid, set()).add(ws)
+
+    def remove(self, sid: str, ws: web.WebSocketResponse) -> None:
+        group = self.sockets.get(sid)
+        if group is not None:
+            group.discard(ws)
+            if not group:
+                del self.sockets[sid]
+                self.flags.pop(sid, None)
+
+    def wants_metadata(self, sid: str) -> bool:
+        return bool(self.flags.get(sid, {}).get("supports_preview_metadata"))
+
+    def _targets(self, sid: str | None) -> list[web.WebSocketResponse]:
+        if sid is None:
+            return [ws for group in self.sockets.values() for ws in group]
+        return list(self.sockets.get(sid, ()))
+
+    async def send_json(self, event: str, data: Any, sid: str | None = None) -> None:
+        targets = self._targets(sid)
+        if targets:
+            text = json.dumps({"type": event, "data": data})
+            for ws in targets:
+                await _quietly(ws.send_str(text))
+
+    async def send_bytes(self, event: int, payload: bytes, sid: str | None = None) -> None:
+        targets = self._targets(sid)
+        if targets:
+            frame = event.to_bytes(4, "big") + payload
+            for ws in targets:
+                await _quietly(ws.send_bytes(frame))
+
+
+async def _quietly(coro) -> None:
+    try:
+        await coro
+    except (ConnectionError, RuntimeError):
+        pass  # the socket is closing; its handler cleans up
+
+
+def build_app(cfg: Config) -> web.Application:
+    hub = SocketHub()
+    store = InputStore(Path(cfg.storage.dir) / "files")
+    cluster = Cluster(cfg, hub, store)
+    api = ComfyApi(cluster, store, MAX_UPLOAD_SIZE)
+    app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
+    app[CLUSTER] = cluster
+
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        sid = request.rel_url.query.get("clientId") or uuid.uuid4().hex
+        ws = web.WebSocketResponse(max_msg_size=MAX_UPLOAD_SIZE, heartbeat=30.0)
+        await ws.prepare(request)
+        hub.add(sid, ws)
+        try:
+            await ws.send_json({"type": "status", "data": {
+                "status": {"exec_info": {"queue_remaining": cluster.queue_remaining()}}, "sid": sid}})
+            first = True
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT or not first:
+                    continue
+                first = False  # as in ComfyUI, only the first text message means anything
+                try:
+                    data = json.loads(msg.data)
+                except ValueError:
+                    continue
+                if isinstance(data, dict) and data.get("type") == "feature_flags" and isinstance(data.get("data"), dict):
+                    hub.flags[sid] = data["data"]
+                    await ws.send_json({"type": "feature_flags", "data": {
+                        "supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE}})
+        finally:
+            hub.remove(sid, ws)
+        return ws
+
+    app.router.add_get("/ws", websocket)
+    for method, path, handler in api.routes():
+        app.router.add_route(method, "/api" + path, handler)
+        app.router.add_route(method, path, handler)
+
+    async def on_startup(app: web.Application) -> None:
+        await cluster.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await cluster.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

@@ -1,0 +1,221 @@
+"""One peer ComfyUI: its settings, state, counters and the link that talks to it.
+
+The link is HTTP plus ONE long-lived websocket under the coordinator's own client id:
+every prompt is submitted with that id, so the peer sends its execution events here and
+the dispatcher relays them to the client that submitted the prompt.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from .config import BackendConfig
+from .health import HealthState
+from .scheduler import PeerView
+from .tasks import Task
+from .uploads import StoredFile
+
+log = logging.getLogger(__name__)
+
+FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+
+
+class PeerListener(Protocol):
+    async def on_link_up(self, peer: "Peer") -> None: ...
+    async def on_link_down(self, peer: "Peer", reason: str) -> None: ...
+    async def on_message(self, peer: "Peer", msg: dict) -> None: ...
+    async def on_binary(self, peer: "Peer", data: bytes) -> None: ...
+
+
+class PeerError(Exception):
+    """The peer could not be reached or answered nonsense."""
+
+
+class Peer:
+    def __init__(self, cfg: BackendConfig, session: aiohttp.ClientSession, client_id: str,
+                 listener: PeerListener, request_timeout: float = 30.0) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.client_id = client_id
+        self.listener = listener
+        self.request_timeout = request_timeout
+        self.enabled = cfg.enabled
+        self.removed = False
+        self.health = HealthState()
+        self.linked = False
+        self.link_error: str | None = None
+        # Prompts that count against max_queue: sent, not yet terminal on the peer.
+        self.inflight: dict[str, Task] = {}
+        # Prompts whose events we still relay (inflight + finishing: terminal event seen,
+        # history not yet recorded).
+        self.tasks: dict[str, Task] = {}
+        self.running: str | None = None
+        self.last_pick = -1
+        self.jobs_done = 0
+        self.job_time_total = 0.0
+        self.object_info: dict | None = None
+        self.system_stats: dict | None = None
+        self.delivered: dict[tuple[str, str, str], str] = {}
+        self._ws_task: asyncio.Task | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def url(self) -> str:
+        return self.cfg.url
+
+    @property
+    def available(self) -> bool:
+        return self.enabled and not self.removed and self.linked and self.health.healthy
+
+    @property
+    def mean_job_time(self) -> float | None:
+        return self.job_time_total / self.jobs_done if self.jobs_done else None
+
+    def view(self) -> PeerView:
+        return PeerView(self.name, len(self.inflight), self.cfg.max_queue, self.cfg.weight,
+                        self.available, self.last_pick)
+
+    def assign(self, task: Task) -> None:
+        self.inflight[task.prompt_id] = task
+        self.tasks[task.prompt_id] = task
+
+    def release(self, prompt_id: str) -> Task | None:
+        """The prompt no longer occupies a slot on this peer."""
+        if self.running == prompt_id:
+            self.running = None
+        return self.inflight.pop(prompt_id, None)
+
+    def forget(self, prompt_id: str) -> Task | None:
+        self.release(prompt_id)
+        return self.tasks.pop(prompt_id, None)
+
+    # -- websocket ---------------------------------------------------------------
+    def start(self) -> None:
+        self._ws_task = asyncio.create_task(self._ws_loop(), name=f"comfylb-peer-{self.name}")
+
+    async def stop(self) -> None:
+        if self._ws_task:
+            self._ws_task.cancel()
+            await asyncio.gather(self._ws_task, return_exceptions=True)
+            self._ws_task = None
+
+    async def _ws_loop(self) -> None:
+        delay = BACKOFF_MIN
+        ws_url = self.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
+        while True:
+            try:
+                async with self.session.ws_connect(ws_url, heartbeat=10.0, max_msg_size=0,
+                                                   timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
+                    self._ws = ws
+                    await ws.send_json(FEATURE_FLAGS)
+                    self.linked, self.link_error = True, None
+                    delay = BACKOFF_MIN
+                    log.info("peer %s: linked (%s)", self.name, self.url)
+                    await self.listener.on_link_up(self)
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            try:
+                                data = json.loads(msg.data)
+                            except ValueError:
+                                continue
+                            if isinstance(data, dict):
+                                await self.listener.on_message(self, data)
+                        elif msg.type == aiohttp.WSMsgType.BINARY:
+                            await self.listener.on_binary(self, msg.data)
+                        elif msg.type == aiohttp.WSMsgType.ERROR:
+                            break
+                    reason = f"websocket closed ({ws.close_code})"
+            except asyncio.CancelledError:
+                await self._link_lost("coordinator stopping")
+                raise
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                reason = f"cannot connect: {e.__class__.__name__}: {e}".rstrip(": ")
+            except Exception as e:  # a bug in a handler must not kill the link for good
+                log.exception("peer %s: error while handling its events", self.name)
+                reason = f"internal error: {e!r}"
+            finally:
+                self._ws = None
+            await self._link_lost(reason)
+            await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _link_lost(self, reason: str) -> None:
+        was = self.linked
+        self.linked, self.link_error = False, reason
+        if was:
+            log.warning("peer %s: link lost: %s", self.name, reason)
+            await self.listener.on_link_down(self, reason)
+
+    # -- HTTP --------------------------------------------------------------------
+    async def request(self, method: str, path: str, *, timeout: float | None = None, **kw) -> tuple[int, Any]:
+        """One HTTP call; returns (status, parsed JSON or text).  PeerError when unreachable."""
+        t = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
+        try:
+            async with self.session.request(method, self.url + path, timeout=t, **kw) as r:
+                body = await r.read()
+                if "json" in (r.content_type or ""):
+                    try:
+                        return r.status, json.loads(body)
+                    except ValueError:
+                        pass
+                return r.status, body.decode("utf-8", "replace")
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise PeerError(f"{method} {path}: {e.__class__.__name__}: {e}".rstrip(": ")) from e
+
+    async def get_json(self, path: str, timeout: float | None = None) -> Any:
+        status, body = await self.request("GET", path, timeout=timeout)
+        if status != 200 or isinstance(body, str):
+            raise PeerError(f"GET {path}: HTTP {status}")
+        return body
+
+    async def post_json(self, path: str, data: Any, timeout: float | None = None) -> tuple[int, Any]:
+        return await self.request("POST", path, json=data, timeout=timeout)
+
+    async def deliver(self, f: StoredFile, path: Path) -> None:
+        """Make sure an input the coordinator holds is on this peer, byte for byte."""
+        if self.delivered.get(f.key) == f.sha256:
+            return
+        form = aiohttp.FormData()
+        form.add_field("image", path.read_bytes(), filename=f.filename)
+        form.add_field("overwrite", "true")
+        form.add_field("subfolder", f.subfolder)
+        form.add_field("type", f.type)
+        status, body = await self.request("POST", "/upload/image", data=form)
+        if status != 200:
+            raise PeerError(f"upload of {f.filename!r} refused: HTTP {status} {str(body)[:200]}")
+        self.delivered[f.key] = f.sha256
+        log.debug("peer %s: delivered %s", self.name, f.key)
+
+    async def open_stream(self, method: str, path: str, **kw) -> aiohttp.ClientResponse:
+        """A response to stream through (caller releases it)."""
+        try:
+            return await self.session.request(method, self.url + path, timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self.request_timeout, sock_read=self.request_timeout), **kw)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise PeerError(f"{method} {path}: {e.__class__.__name__}: {e}") from e
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "url": self.url, "host": self.cfg.host, "port": self.cfg.port,
+            "weight": self.cfg.weight, "max_queue": self.cfg.max_queue, "enabled": self.enabled,
+            "linked": self.linked, "available": self.available,
+            "health": {"state": self.health.state, "last_error": self.health.last_error or self.link_error,
+                       "changed_at": self.health.changed_at, "checked_at": self.health.checked_at},
+            "inflight": len(self.inflight), "running": self.running, "jobs_done": self.jobs_done,
+            "mean_job_time": self.mean_job_time,
+            "devices": (self.system_stats or {}).get("devices", []),
+            "at": time.time(),
+        }

@@ -1,0 +1,121 @@
+"""The task record and the coordinator queue (pure data, no I/O)."""
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+# Task states, in the order a task normally moves through them.
+QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED = (
+    "queued", "dispatched", "running", "done", "failed", "cancelled")
+TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+
+# extra_data keys that carry Comfy.org credentials: forwarded to the executing peer, never shown.
+SENSITIVE_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
+
+
+@dataclass(eq=False)
+class Task:
+    prompt_id: str
+    number: float
+    prompt: dict
+    extra_data: dict
+    outputs: list[str]
+    client_id: str | None = None
+    partial_targets: list[str] | None = None
+    seq: int = 0
+    state: str = QUEUED
+    peer: str | None = None
+    attempts: int = 0
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    # [event, data] pairs of execution_start/cached/terminal, for a history entry we must
+    # write ourselves when the peer's own is unavailable.
+    messages: list = field(default_factory=list)
+
+    def public_extra_data(self) -> dict:
+        extra = {k: v for k, v in self.extra_data.items() if k not in SENSITIVE_KEYS}
+        if self.client_id is not None:
+            extra["client_id"] = self.client_id
+        return extra
+
+    def queue_item(self) -> list[Any]:
+        """ComfyUI's queue tuple: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
+        return [self.number, self.prompt_id, self.prompt, self.public_extra_data(), list(self.outputs)]
+
+
+class TaskQueue:
+    """Pending tasks in ComfyUI's priority order: lower `number` first, then arrival."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._tasks: dict[str, Task] = {}
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, prompt_id: str) -> bool:
+        return prompt_id in self._tasks
+
+    def get(self, prompt_id: str) -> Task | None:
+        return self._tasks.get(prompt_id)
+
+    def push(self, task: Task, *, keep_seq: bool = False) -> None:
+        if not keep_seq:
+            task.seq = next(self._seq)
+        task.state = QUEUED
+        self._tasks[task.prompt_id] = task
+        heapq.heappush(self._heap, (task.number, task.seq, task.prompt_id))
+
+    def remove(self, prompt_id: str) -> Task | None:
+        # Lazy deletion: the heap entry is skipped when it surfaces.
+        return self._tasks.pop(prompt_id, None)
+
+    def __iter__(self) -> Iterator[Task]:
+        """Live tasks in priority order (sorting a copy; the heap stays untouched)."""
+        for _, _, pid in sorted(self._heap):
+            task = self._tasks.get(pid)
+            if task is not None and task.state == QUEUED:
+                yield task
+
+    def first(self) -> Task | None:
+        while self._heap:
+            number, seq, pid = self._heap[0]
+            task = self._tasks.get(pid)
+            if task is not None and task.seq == seq:
+                return task
+            heapq.heappop(self._heap)
+        return None
+
+    def pop(self) -> Task | None:
+        task = self.first()
+        if task is not None:
+            heapq.heappop(self._heap)
+            del self._tasks[task.prompt_id]
+        return task
+
+    def clear(self) -> list[Task]:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        self._heap.clear()
+        return tasks
+
+
+class Numbering:
+    """ComfyUI's `number` semantics for POST /prompt (server.py post_prompt)."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.next = start
+
+    def assign(self, number: Any = None, front: Any = False) -> float | int:
+        if number is not None:
+            return float(number)
+        n = self.next
+        self.next += 1
+        return -n if front else n

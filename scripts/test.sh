@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite in one command: installs what the tests need (cached between
+# runs: the project's venv in .venv, real ComfyUI in ~/.cache/comfylb) and runs it all.
+#   scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${COMFYLB_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+echo "== installing comfylb with its test dependencies"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "== real ComfyUI for the integration tests (cached)"
+"$VENV/bin/python" scripts/comfyui_env.py
+echo "== running the tests"
+exec "$VENV/bin/python" -m pytest "$@"

@@ -57,11 +57,16 @@ def validate(prompt: Any, catalog: dict[str, dict] | None,
         return False, _err("prompt_no_outputs", "Prompt has no outputs"), [], {}
 
     validated: dict[str, tuple[bool, list[Error]]] = {}
+    visiting: set[str] = set()
 
     def check(node_id: str) -> bool:
+        """validate_inputs: a link to a missing node raises, as in ComfyUI, and fails the
+        whole output with exception_during_validation."""
         if node_id in validated:
             return validated[node_id][0]
-        validated[node_id] = (True, [])  # cycles: assume fine while descending
+        if node_id in visiting:
+            raise RecursionError(f"cycle through node {node_id}")
+        visiting.add(node_id)
         node = prompt[node_id]
         info = catalog[node["class_type"]]
         inputs = node.get("inputs") or {}
@@ -82,25 +87,28 @@ def validate(prompt: Any, catalog: dict[str, dict] | None,
                                        "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                                        name, {"input_name": name, "received_value": val}))
                     continue
-                src = str(val[0])
-                if src not in prompt or not isinstance(prompt[src], dict):
-                    errors.append(_err("exception_during_inner_validation", "Exception when validating inner node",
-                                       f"'{src}'", {"input_name": name, "exception_message": f"'{src}'",
-                                                    "exception_type": "KeyError", "traceback": [],
-                                                    "linked_node": val}))
-                    continue
+                src = val[0]
+                if not isinstance(src, str) or not isinstance(prompt.get(src), dict):
+                    raise KeyError(src)
                 if not check(src):
                     valid = False
-        if errors:
-            valid = False
-        validated[node_id] = (valid, errors)
-        return valid
+        visiting.discard(node_id)
+        validated[node_id] = (valid and not errors, errors)
+        return validated[node_id][0]
 
     good: list[str] = []
     failed: list[tuple[str, list[Error]]] = []
     node_errors: dict[str, dict] = {}
     for o in outputs:
-        if check(o):
+        try:
+            ok = check(o)
+        except (KeyError, RecursionError) as ex:
+            reasons = [_err("exception_during_validation", "Exception when validating node", str(ex),
+                            {"exception_type": type(ex).__name__, "traceback": []})]
+            validated[o] = (False, reasons)
+            visiting.clear()
+            ok = False
+        if ok:
             good.append(o)
             continue
         failed.append((o, validated[o][1]))

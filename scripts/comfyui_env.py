@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,17 +68,15 @@ def _venv(root: Path, tree: Path) -> Path:
     py = venv / "bin" / "python"
     reqs = [line.strip() for line in (tree / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")
-            and not line.split("=")[0].split(">")[0].split("<")[0].strip().lower().startswith(SKIP_REQS)]
+            and re.split(r"[<>=~!\[ ;]", line.strip(), maxsplit=1)[0].lower() not in SKIP_REQS]
     reqs.append("requests")
     stamp_text = json.dumps({"torch": TORCH, "reqs": reqs})
     stamp = venv / ".comfylb-stamp"
     if py.exists() and stamp.exists() and stamp.read_text() == stamp_text:
         return py
-    if venv.exists():
-        shutil.rmtree(venv)
-    log.info("creating ComfyUI's virtual environment (torch takes a minute or two)")
-    _run([PYTHON, "-m", "venv", str(venv)])
-    _run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    if not py.exists():
+        log.info("creating ComfyUI's virtual environment (torch takes a minute or two)")
+        _run([PYTHON, "-m", "venv", str(venv)])
     _run([str(py), "-m", "pip", "install", "-q", *TORCH])
     _run([str(py), "-m", "pip", "install", "-q", *reqs])
     _run([str(py), "-c", "import torch, torchvision, aiohttp"])

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..api.comfy import MAX_UPLOAD_SIZE, ComfyApi
+from ..api.lb import LbApi
 from ..config import Config
 from ..dispatcher import Cluster
 from ..uploads import InputStore
@@ -103,6 +104,8 @@ def build_app(cfg: Config) -> web.Application:
         return ws
 
     app.router.add_get("/ws", websocket)
+    for method, path, handler in LbApi(cluster).routes():
+        app.router.add_route(method, path, handler)
     for method, path, handler in api.routes():
         app.router.add_route(method, "/api" + path, handler)
         app.router.add_route(method, path, handler)

@@ -1,0 +1,141 @@
+"""A ComfyUI client that knows nothing of ComfyLB, as scripts and bots write them."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+@dataclass
+class Run:
+    prompt_id: str
+    messages: list[tuple[str, Any]] = field(default_factory=list)
+    binary: list[bytes] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def types(self) -> list[str]:
+        return [t for t, _ in self.messages]
+
+    def first(self, event: str) -> Any:
+        return next(d for t, d in self.messages if t == event)
+
+
+class Client:
+    """One websocket under one clientId, many prompts; messages sorted by prompt_id."""
+
+    def __init__(self, base: str, client_id: str | None = None, flags: bool = False) -> None:
+        self.base = base
+        self.client_id = client_id or uuid.uuid4().hex
+        self.flags = flags
+        self.runs: dict[str, Run] = {}
+        self.status: list[dict] = []
+        self.hello: dict | None = None
+        self.feature_reply: dict | None = None
+        self.other: list[tuple[str, Any]] = []
+        self._early: dict[str, list] = {}
+        self._connected = asyncio.Event()
+
+    async def __aenter__(self) -> "Client":
+        self.session = aiohttp.ClientSession()
+        ws_url = self.base.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
+        self.ws = await self.session.ws_connect(ws_url, max_msg_size=0)
+        if self.flags:
+            await self.ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+        self._reader = asyncio.create_task(self._read())
+        await asyncio.wait_for(self._connected.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.session.close()
+
+    async def _read(self) -> None:
+        last_pid: str | None = None
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                m = json.loads(msg.data)
+                t, d = m["type"], m["data"]
+                if t == "status":
+                    if "sid" in d:
+                        self.hello = d
+                        self._connected.set()
+                    self.status.append(d)
+                    continue
+                if t == "feature_flags":
+                    self.feature_reply = d
+                    continue
+                pid = d.get("prompt_id") if isinstance(d, dict) else None
+                if pid is None:
+                    self.other.append((t, d))
+                    continue
+                last_pid = pid
+                run = self.runs.get(pid)
+                if run is None:
+                    self._early.setdefault(pid, []).append((t, d))
+                    continue
+                run.messages.append((t, d))
+                if t == "executing" and d.get("node") is None:
+                    run.done.set()
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                run = self.runs.get(last_pid) if last_pid else None
+                if run is not None:
+                    run.binary.append(msg.data)
+
+    def _track(self, pid: str) -> Run:
+        run = self.runs.setdefault(pid, Run(pid))
+        for t, d in self._early.pop(pid, []):
+            run.messages.append((t, d))
+            if t == "executing" and d.get("node") is None:
+                run.done.set()
+        return run
+
+    async def post(self, path: str, body: Any = None, **kw) -> tuple[int, Any]:
+        async with self.session.post(self.base + path, json=body, **kw) as r:
+            text = await r.text()
+            try:
+                return r.status, json.loads(text) if text else None
+            except ValueError:
+                return r.status, text
+
+    async def get(self, path: str, **kw) -> tuple[int, Any]:
+        async with self.session.get(self.base + path, **kw) as r:
+            if "json" in r.content_type:
+                return r.status, await r.json()
+            return r.status, await r.read()
+
+    async def queue(self, prompt: dict, prefix: str = "", **extra) -> tuple[int, Any, Run | None]:
+        status, body = await self.post(f"{prefix}/prompt", {"prompt": prompt, "client_id": self.client_id, **extra})
+        run = self._track(body["prompt_id"]) if status == 200 else None
+        return status, body, run
+
+    async def run(self, prompt: dict, timeout: float = 120, **extra) -> Run:
+        status, body, run = await self.queue(prompt, **extra)
+        assert status == 200, body
+        await asyncio.wait_for(run.done.wait(), timeout)
+        return run
+
+
+def sleep_prompt(seconds: float, prefix: str = "sleep") -> dict:
+    """TestSleep with a random colour, so no peer serves it from its cache."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                     "color": random.randrange(1 << 24)}},
+        "2": {"class_type": "TestSleep", "inputs": {"value": ["1", 0], "seconds": seconds}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+
+
+def invert_prompt(prefix: str = "lbtest") -> dict:
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1,
+                                                     "color": random.randrange(1 << 24)}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }

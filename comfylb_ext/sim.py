@@ -177,8 +177,11 @@ class SimPeer:
 
         self.interrupted = False
         order = self._order(prompt, outputs)
-        keys = {nid: json.dumps([prompt[nid]["class_type"], prompt[nid].get("inputs")], sort_keys=True)
-                for nid in order}
+        keys: dict[str, str] = {}
+        for nid in order:  # upstream first, so a node's key covers everything it depends on
+            inputs = {k: (keys[str(v[0])], v[1]) if isinstance(v, list) and len(v) == 2 and str(v[0]) in keys else v
+                      for k, v in (prompt[nid].get("inputs") or {}).items()}
+            keys[nid] = json.dumps([prompt[nid]["class_type"], inputs], sort_keys=True)
         cached = [nid for nid in order if keys[nid] in self.cache]
         ui: dict[str, dict] = {}
         state: dict[str, dict] = {}
@@ -188,6 +191,10 @@ class SimPeer:
             if nid in outputs and isinstance(self.cache[keys[nid]], dict):
                 ui[nid] = self.cache[keys[nid]]
                 await self.send("executed", {"node": nid, "display_node": nid, "output": ui[nid], "prompt_id": pid}, sid)
+                state[nid] = {"value": 1, "max": 1, "state": "finished", "node_id": nid, "prompt_id": pid,
+                              "display_node_id": nid, "parent_node_id": None, "real_node_id": nid}
+        if state:
+            await self.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(state)}, sid)
         status_str = "success"
         for nid in order:
             if nid in cached:
@@ -209,13 +216,13 @@ class SimPeer:
                                                     "timestamp": ts()}, broadcast=True)
                 status_str = "error"
                 break
-            state[nid].update(value=1.0, state="finished")
-            await self.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(state)}, sid)
             self.cache[keys[nid]] = out if out is not None else True
             if out is not None:
                 ui[nid] = out
                 if sid is not None:
                     await self.send("executed", {"node": nid, "display_node": nid, "output": out, "prompt_id": pid}, sid)
+            state[nid].update(value=1.0, state="finished")
+            await self.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(state)}, sid)
         if status_str == "success":
             await add("execution_success", {"prompt_id": pid, "timestamp": ts()})
         self.history[pid] = {
@@ -408,7 +415,7 @@ class SimPeer:
             return web.json_response({"supports_preview_metadata": True, "max_upload_size": 104857600})
 
         for path, value in (("/embeddings", []), ("/extensions", []), ("/models", ["checkpoints"])):
-            r.get(path)(lambda request, v=value: _json(v))
+            r.get(path)(_constant(value))
 
         @r.get("/models/{folder}")
         async def models(request: web.Request) -> web.Response:
@@ -433,8 +440,10 @@ class SimPeer:
         return app
 
 
-async def _json(value: Any) -> web.Response:
-    return web.json_response(value)
+def _constant(value: Any):
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(value)
+    return handler
 
 
 @dataclass

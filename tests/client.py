@@ -83,14 +83,19 @@ class Client:
                 run.messages.append((t, d))
                 if t == "executing" and d.get("node") is None:
                     run.done.set()
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                run = self.runs.get(last_pid) if last_pid else None
-                if run is not None:
+            elif msg.type == aiohttp.WSMsgType.BINARY and last_pid:
+                run = self.runs.get(last_pid)
+                if run is None:
+                    self._early.setdefault(last_pid, []).append((None, msg.data))
+                else:
                     run.binary.append(msg.data)
 
     def _track(self, pid: str) -> Run:
         run = self.runs.setdefault(pid, Run(pid))
         for t, d in self._early.pop(pid, []):
+            if t is None:
+                run.binary.append(d)
+                continue
             run.messages.append((t, d))
             if t == "executing" and d.get("node") is None:
                 run.done.set()

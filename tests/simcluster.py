@@ -1,0 +1,46 @@
+"""The balancer in-process over simulated peers, for fast tests of coordinator logic."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from comfylb_ext.config import BackendConfig, parse
+from comfylb_ext.hosts.standalone import CLUSTER, build_app
+from comfylb_ext.sim import start_sim
+
+
+@contextlib.asynccontextmanager
+async def lb_over_sims(n: int = 2, max_queue: int = 1, sim_kw: list[dict] | None = None, **sections):
+    sims = [await start_sim(name=f"sim{i}", **((sim_kw or [{}] * n)[i])) for i in range(n)]
+    raw = {"health_check": {"interval": 0.5, "timeout": 1.0, "unhealthy_threshold": 1},
+           "storage": {"dir": tempfile.mkdtemp(prefix="comfylb-unit-")}, **sections}
+    cfg = parse(raw)
+    cfg.backends = [BackendConfig(name=f"sim{i}", port=s.port, max_queue=max_queue) for i, s in enumerate(sims)]
+    app = build_app(cfg)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    cluster = app[CLUSTER]
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        await wait_for(lambda: all(p.available for p in cluster.peers.values()))
+        yield url, sims, cluster
+    finally:
+        await runner.cleanup()
+        for s in sims:
+            await s.stop()
+
+
+async def wait_for(cond, timeout: float = 10.0) -> None:
+    """Wait until `cond()` holds, checking whenever the loop has run other work."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.01)

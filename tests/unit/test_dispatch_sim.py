@@ -1,0 +1,81 @@
+"""Coordinator logic over simulated peers (fast; the real-peer tests cover the protocol)."""
+import asyncio
+
+from tests.client import Client, sleep_prompt
+from tests.simcluster import lb_over_sims, wait_for
+
+
+async def test_queue_full_answers_503_in_comfyuis_error_shape():
+    async with lb_over_sims(1, queue={"max_size": 2}) as (url, sims, cluster):
+        async with Client(url) as c:
+            statuses = [(await c.queue(sleep_prompt(5)))[0] for _ in range(3)]  # 1 on the peer, 2 waiting
+            status, body, _ = await c.queue(sleep_prompt(5))
+            assert statuses == [200, 200, 200]
+            assert status == 503 and body["error"]["type"] == "queue_full" and body["node_errors"] == {}
+            await c.post("/queue", {"clear": True})
+            await c.post("/interrupt", {})
+
+
+async def test_completion_sends_the_next_prompt_at_once_and_max_queue_holds():
+    async with lb_over_sims(1, max_queue=1) as (url, sims, cluster):
+        sim = sims[0].sim
+        depth = []
+        orig = sim.status
+
+        async def spy():
+            depth.append(sim.remaining())
+            await orig()
+        sim.status = spy
+        async with Client(url) as c:
+            runs = [(await c.queue(sleep_prompt(0.05)))[2] for _ in range(4)]
+            await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs)), 20)
+        assert max(depth) == 1  # never more than max_queue on the peer
+        assert all("execution_success" in r.types() for r in runs)
+
+
+async def test_lost_peer_mid_job_is_retried_elsewhere_with_one_result():
+    async with lb_over_sims(2, queue={"retry_interval": 0.05}) as (url, sims, cluster):
+        async with Client(url) as c:
+            _, body, run = await c.queue(sleep_prompt(1.0))
+            pid = body["prompt_id"]
+            await wait_for(lambda: "execution_start" in run.types())
+            victim = next(s for s in sims if s.sim.running and s.sim.running[1] == pid)
+            survivor = next(s for s in sims if s is not victim)
+            await victim.stop()
+            await asyncio.wait_for(run.done.wait(), 20)
+            assert run.types().count("execution_success") == 1
+            assert run.types().count("executing") - sum(
+                1 for t, d in run.messages if t == "executing" and d["node"] is not None) == 1
+            assert pid in survivor.sim.history
+            _, hist = await c.get(f"/history/{pid}")
+            assert hist[pid]["status"]["status_str"] == "success"
+            assert cluster.counts["retried"] == 1
+
+
+async def test_poison_prompt_fails_after_max_retries():
+    async with lb_over_sims(1, queue={"retry_interval": 0.05, "max_retries": 0}) as (url, sims, cluster):
+        async with Client(url) as c:
+            _, body, run = await c.queue(sleep_prompt(1.0))
+            await wait_for(lambda: "execution_start" in run.types())
+            await sims[0].stop()
+            await asyncio.wait_for(run.done.wait(), 20)
+            err = run.first("execution_error")
+            assert err["exception_type"] == "comfylb.PeerLost" and "gave up after 1 attempts" in err["exception_message"]
+            _, hist = await c.get(f"/history/{body['prompt_id']}")
+            assert hist[body["prompt_id"]]["status"]["status_str"] == "error"
+
+
+async def test_delete_reaches_prompts_waiting_on_a_peer():
+    async with lb_over_sims(1, max_queue=3) as (url, sims, cluster):
+        async with Client(url) as c:
+            ids = [(await c.queue(sleep_prompt(3)))[1]["prompt_id"] for _ in range(3)]
+            await wait_for(lambda: len(sims[0].sim.queue) == 2)
+            await c.post("/queue", {"delete": [ids[2]]})
+            assert [e[2][1] for e in sims[0].sim.queue] == [ids[1]]
+            _, q = await c.get("/queue")
+            assert [i[1] for i in q["queue_running"]] == [ids[0]]
+            assert [i[1] for i in q["queue_pending"]] == [ids[1]]
+            await c.post("/queue", {"clear": True})
+            assert sims[0].sim.queue == []
+            await c.post("/interrupt", {"prompt_id": ids[0]})
+            await wait_for(lambda: not cluster.tasks)

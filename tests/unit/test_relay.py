@@ -1,0 +1,46 @@
+import json
+import struct
+
+from comfylb_ext.relay import Relay, legacy_preview, parse_preview
+
+
+class FakeHub:
+    def __init__(self, flags):
+        self.flags, self.sent = flags, []
+
+    async def send_json(self, event, data, sid=None):
+        self.sent.append(("json", event, sid))
+
+    async def send_bytes(self, event, payload, sid=None):
+        self.sent.append(("bytes", event, payload, sid))
+
+    def wants_metadata(self, sid):
+        return self.flags.get(sid, False)
+
+
+def type4(meta, image=b"\x89PNGdata"):
+    m = json.dumps(meta).encode()
+    return struct.pack(">I", len(m)) + m + image
+
+
+async def test_previews_follow_each_clients_flags():
+    hub = FakeHub({"new": True, "old": False})
+    relay = Relay(hub)
+    payload = type4({"prompt_id": "p", "image_type": "image/png"})
+    await relay.preview("new", payload)
+    await relay.preview("old", payload)
+    assert hub.sent[0] == ("bytes", 4, payload, "new")
+    assert hub.sent[1] == ("bytes", 1, struct.pack(">I", 2) + b"\x89PNGdata", "old")
+
+
+def test_jpeg_previews_keep_their_format():
+    assert legacy_preview({"image_type": "image/jpeg"}, b"x")[:4] == struct.pack(">I", 1)
+    assert parse_preview(b"\x00\x00") is None
+
+
+async def test_prompts_without_client_only_broadcast_progress():
+    hub = FakeHub({})
+    relay = Relay(hub)
+    for event in ("execution_start", "progress", "executed", "execution_interrupted"):
+        await relay.json(None, event, {})
+    assert [e for _, e, _ in hub.sent] == ["progress", "execution_interrupted"]

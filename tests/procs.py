@@ -16,8 +16,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "comfyui"
-WORKFLOWS = SHARED / "workflows"
+# Model-free workflows and the recorded real traffic, copied from shared/comfyui/.
+DATA = REPO / "tests" / "data"
+WORKFLOWS = DATA
 
 
 def free_port() -> int:

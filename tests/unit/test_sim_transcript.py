@@ -1,17 +1,18 @@
-"""The simulated peer must send what real ComfyUI sends (shared/comfyui/transcript.md)."""
+"""The simulated peer must send what real ComfyUI sends (tests/data/transcript.md, the
+recording in shared/comfyui/)."""
 import re
 
 import pytest
 
 from comfylb_ext.sim import start_sim
 from tests.client import Client
-from tests.procs import SHARED, load_workflow
+from tests.procs import DATA, load_workflow
 
 TYPE = re.compile(r'WS text(?: \(trailing\))?: \{"type": "(\w+)"')
 
 
 def recorded(section: str) -> list[str]:
-    text = (SHARED / "transcript.md").read_text()
+    text = (DATA / "transcript.md").read_text()
     body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
     return TYPE.findall(body)
 

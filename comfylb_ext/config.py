@@ -75,12 +75,20 @@ class StorageConfig:
 
 
 @dataclass
+class AuthConfig:
+    # Bearer token required on /lb/* ("" = none; the COMFYLB_TOKEN environment variable
+    # is used when this is empty).
+    token: str = ""
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     source: str | None = None
 
@@ -170,7 +178,7 @@ def _parse(raw: Any, source: str | None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", "expected a mapping of sections")
-    known = {"server", "scheduler", "health_check", "queue", "storage", "backends"}
+    known = {"server", "scheduler", "health_check", "queue", "storage", "auth", "backends"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown section (known: {', '.join(sorted(known))})")
@@ -180,6 +188,7 @@ def _parse(raw: Any, source: str | None) -> Config:
         health_check=_section(HealthCheckConfig, raw.get("health_check"), "health_check"),
         queue=_section(QueueConfig, raw.get("queue"), "queue"),
         storage=_section(StorageConfig, raw.get("storage"), "storage"),
+        auth=_section(AuthConfig, raw.get("auth"), "auth"),
         source=source,
     )
     check_port("server.port", cfg.server.port)

@@ -12,25 +12,29 @@ import itertools
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 import aiohttp
 
 from . import validation
-from .config import BackendConfig, Config
+from .config import STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
 from .history import History
 from .peer import Peer, PeerError
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview
 from .scheduler import SchedulerState, pick
-from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, Numbering, Task,
+from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, Task,
                     TaskQueue)
 from .uploads import InputStore
 
 log = logging.getLogger(__name__)
 
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+STATUS_EVENT = "comfylb.status"   # the custom websocket event that carries live state
+PUSH_EVERY = 0.1                  # seconds: at most this many pushes of it per second
+SNAPSHOT_TASKS = 50               # queued/running tasks included in a push
+RECORD_SIZE = 10000               # finished tasks kept for /lb/tasks
 # Events the coordinator keeps for a history entry it must write itself.
 _STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
 
@@ -47,6 +51,7 @@ class Cluster:
         self.peers: dict[str, Peer] = {}
         self.queue = TaskQueue()
         self.tasks: dict[str, Task] = {}      # every task not yet finished
+        self.record: OrderedDict[str, Task] = OrderedDict()  # recent tasks, finished ones too
         self.history = History()
         self.numbering = Numbering()
         self.sched = SchedulerState(cfg.scheduler.strategy, cfg.scheduler.prefer_idle)
@@ -59,6 +64,8 @@ class Cluster:
         self._bg: set[asyncio.Task] = set()
         self.session: aiohttp.ClientSession | None = None
         self.health = HealthChecker(cfg.health_check, lambda: self.peers.values(), self.check_peer)
+        self.hub = hub
+        self._push_at: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -86,13 +93,97 @@ class Cluster:
         t.add_done_callback(_log_crash)
         return t
 
+    # -- live updates ------------------------------------------------------------------
+    def changed(self) -> None:
+        """Something a management view shows has changed: push a snapshot soon.  Bursts
+        (a hundred progress events a second) coalesce into at most one push per PUSH_EVERY."""
+        if self._push_at is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._push_at = loop.time()
+        loop.call_later(PUSH_EVERY, self._push)
+
+    def _push(self) -> None:
+        self._push_at = None
+        self.spawn(self.hub.send_json(STATUS_EVENT, self.snapshot()))
+
+    def snapshot(self) -> dict:
+        """Everything the panel shows, in one message."""
+        return {"stats": self.stats(), "backends": [p.describe() for p in self.peers.values()],
+                "scheduler": self.scheduler_info(),
+                "queue": [t.summary() for t in self.live_tasks()[:SNAPSHOT_TASKS]]}
+
+    def stats(self) -> dict:
+        return {
+            "uptime": time.time() - self.started_at,
+            "totals": {k: self.counts.get(k, 0) for k in ("submitted", "completed", "failed", "cancelled", "retried")}
+            | {"queued": len(self.queue), "running": sum(1 for t in self.tasks.values() if t.state == RUNNING)},
+            "queue_depth": len(self.queue),
+            "in_flight": sum(len(p.inflight) for p in self.peers.values()),
+            "backends": {p.name: {"in_flight": len(p.inflight), "jobs_done": p.jobs_done, "jobs_failed": p.jobs_failed,
+                                  "mean_job_time": p.mean_job_time} for p in self.peers.values()},
+        }
+
+    def scheduler_info(self) -> dict:
+        return {"strategy": self.sched.strategy, "prefer_idle": self.sched.prefer_idle,
+                "strategies": list(STRATEGIES)}
+
+    def live_tasks(self) -> list[Task]:
+        running = [t for t in self.tasks.values() if t.state in (RUNNING, DISPATCHED)]
+        running.sort(key=lambda t: (t.state != RUNNING, t.number, t.seq))
+        return running + list(self.queue)
+
+    def _remember(self, task: Task) -> None:
+        self.record[task.prompt_id] = task
+        self.record.move_to_end(task.prompt_id)
+        while len(self.record) > RECORD_SIZE:
+            old_id, old = next(iter(self.record.items()))
+            if old.state not in TERMINAL:
+                break
+            del self.record[old_id]
+
+    # -- peers at runtime --------------------------------------------------------------
     def add_peer(self, b: BackendConfig) -> Peer:
         assert self.session is not None
         peer = Peer(b, self.session, self.client_id, self, self.cfg.health_check.timeout * 10)
         self.peers[b.name] = peer
         peer.start()
         self.spawn(self.check_peer(peer))
+        log.info("peer %s added (%s)", b.name, b.url)
+        self.changed()
         return peer
+
+    async def remove_peer(self, name: str) -> None:
+        """No new work; prompts already there finish and are still relayed."""
+        peer = self.peers[name]
+        peer.removed = True
+        log.info("peer %s removed%s", name, f"; {len(peer.tasks)} prompt(s) finish there first" if peer.tasks else "")
+        self._catalog = None
+        self.changed()
+        await self._retire_if_idle(peer)
+
+    async def _retire_if_idle(self, peer: Peer) -> None:
+        if peer.removed and not peer.tasks and self.peers.get(peer.name) is peer:
+            del self.peers[peer.name]
+            self.spawn(peer.stop())  # not awaited: we may be running inside its own link task
+            self.changed()
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        peer = self.peers[name]
+        if peer.enabled != enabled:
+            peer.enabled = enabled
+            log.info("peer %s %s", name, "enabled" if enabled else "disabled (running prompts finish)")
+            self.changed()
+            self.pump()
+
+    def set_strategy(self, strategy: str) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(strategy)
+        if self.sched.strategy != strategy:
+            log.info("strategy: %s -> %s", self.sched.strategy, strategy)
+            self.sched.strategy = strategy
+            self.sched.cursor = 0
+            self.changed()
 
     # -- health --------------------------------------------------------------------
     async def check_peer(self, peer: Peer) -> None:
@@ -105,9 +196,10 @@ class Cluster:
             ok, error = False, str(e)
         if peer.health.record(ok, self.cfg.health_check, error):
             if ok:
-                log.info("peer %s: healthy", peer.name)
+                log.info("peer %s: healthy after %d good check(s)", peer.name, peer.health.successes)
             else:
-                log.warning("peer %s: unhealthy: %s", peer.name, error)
+                log.warning("peer %s: unhealthy after %d failed check(s): %s", peer.name, peer.health.failures, error)
+            self.changed()
             self.pump()
 
     # -- submission ----------------------------------------------------------------
@@ -162,8 +254,10 @@ class Cluster:
         task = Task(prompt_id, number, prompt, extra, outputs,
                     client_id=str(client_id) if client_id else None, partial_targets=partial)
         self.tasks[prompt_id] = task
+        self._remember(task)
         self.queue.push(task)
         self.counts["submitted"] += 1
+        self.changed()
         self.pump()
         self.spawn(self.broadcast_status())
         return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
@@ -185,6 +279,7 @@ class Cluster:
             task.attempts += 1
             task.dispatched_at = time.time()
             peer.assign(task)
+            self.changed()
             self.spawn(self._send(task, peer))
 
     def _payload(self, task: Task) -> dict:
@@ -230,18 +325,21 @@ class Cluster:
         self.history.add(task.prompt_id, entry)
         self.tasks.pop(task.prompt_id, None)
         self.counts["failed"] += 1
+        self.changed()
         await self.relay.json(task.client_id, "execution_error", error)
         await self.broadcast_status()
         await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": task.prompt_id})
 
     # -- peer events ---------------------------------------------------------------
     async def on_link_up(self, peer: Peer) -> None:
+        self.changed()
         self.spawn(self._refresh_object_info(peer))
         if peer.tasks:
             self.spawn(self._reconcile(peer))
         self.pump()
 
     async def on_link_down(self, peer: Peer, reason: str) -> None:
+        self.changed()
         self.spawn(self._recover_after(peer))
         self.spawn(self.broadcast_status())
 
@@ -312,16 +410,25 @@ class Cluster:
         if event == "execution_start":
             task.state, task.started_at = RUNNING, time.time()
             peer.running = pid
+            peer.progress = None
+            self.changed()
             self.spawn(self.broadcast_status())
+        elif event == "progress":
+            peer.progress = {k: data.get(k) for k in ("prompt_id", "node", "value", "max")}
+            self.changed()
         elif event == "executed":
             self._record_outputs(peer, (data.get("output") or {}))
         if event in _STATUS_EVENTS:
             task.messages.append([event, data])
         if event in TERMINAL_EVENTS:
             peer.release(pid)
+            peer.progress = None
             if task.started_at:
                 peer.jobs_done += 1
                 peer.job_time_total += time.time() - task.started_at
+            if event != "execution_success":
+                peer.jobs_failed += 1
+            self.changed()
             self.pump()
         if event == "executing" and data.get("node") is None:
             await self._finish(task, peer)
@@ -375,9 +482,13 @@ class Cluster:
         self._record_outputs(peer, entry.get("outputs") or {})
         self.history.add(task.prompt_id, entry)
         ok = entry["status"].get("status_str") == "success"
-        task.state, task.finished_at = (DONE if ok else FAILED), time.time()
+        interrupted = any(m[0] == "execution_interrupted" for m in entry["status"].get("messages") or [])
+        task.state = DONE if ok else CANCELLED if interrupted else FAILED
+        task.finished_at = time.time()
         self.tasks.pop(task.prompt_id, None)
-        self.counts["completed" if ok else "failed"] += 1
+        self.counts["completed" if ok else "cancelled" if interrupted else "failed"] += 1
+        self.changed()
+        await self._retire_if_idle(peer)
         await self.broadcast_status()
         await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": task.prompt_id})
 
@@ -436,6 +547,29 @@ class Cluster:
         task.state, task.finished_at = CANCELLED, time.time()
         self.tasks.pop(task.prompt_id, None)
         self.counts["cancelled"] += 1
+        self.changed()
+
+    async def cancel(self, prompt_id: str) -> bool:
+        """An operator's cancel: a queued task never runs, a dispatched one leaves its
+        peer's queue, a running one is interrupted.  The client hears what ComfyUI says of
+        an interrupted prompt, so a script waiting for it is not left hanging."""
+        task = self.tasks.get(prompt_id)
+        if task is None:
+            return False
+        if task.state == QUEUED:
+            self.queue.remove(prompt_id)
+            self._cancelled(task)
+        elif task.state == DISPATCHED and task.peer in self.peers:
+            await self._delete_on_peer(task, self.peers[task.peer])
+        if task.state != CANCELLED:  # running (or it started while we asked its peer)
+            await self.interrupt(prompt_id)
+            return True
+        await self.relay.json(task.client_id, "execution_interrupted", {
+            "prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [], "timestamp": _now_ms()})
+        await self.broadcast_status()
+        await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": prompt_id})
+        self.pump()
+        return True
 
     async def interrupt(self, prompt_id: str | None) -> None:
         if prompt_id is not None:

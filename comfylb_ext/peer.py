@@ -60,7 +60,9 @@ class Peer:
         self.running: str | None = None
         self.last_pick = -1
         self.jobs_done = 0
+        self.jobs_failed = 0
         self.job_time_total = 0.0
+        self.progress: dict | None = None  # the running prompt's latest `progress` event
         self.object_info: dict | None = None
         self.system_stats: dict | None = None
         self.delivered: dict[tuple[str, str, str], str] = {}
@@ -207,15 +209,26 @@ class Peer:
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise PeerError(f"{method} {path}: {e.__class__.__name__}: {e}") from e
 
+    @property
+    def status(self) -> str:
+        """One word for people: removed, disabled, down (link lost), or the health state."""
+        if self.removed:
+            return "removed"
+        if not self.enabled:
+            return "disabled"
+        if not self.linked and self.health.state != "unknown":
+            return "down"
+        return self.health.state
+
     def describe(self) -> dict:
-        return {
+        return {"status": self.status,
             "name": self.name, "url": self.url, "host": self.cfg.host, "port": self.cfg.port,
             "weight": self.cfg.weight, "max_queue": self.cfg.max_queue, "enabled": self.enabled,
-            "linked": self.linked, "available": self.available,
+            "scheme": self.cfg.scheme, "removed": self.removed, "linked": self.linked, "available": self.available,
             "health": {"state": self.health.state, "last_error": self.health.last_error or self.link_error,
                        "changed_at": self.health.changed_at, "checked_at": self.health.checked_at},
-            "inflight": len(self.inflight), "running": self.running, "jobs_done": self.jobs_done,
-            "mean_job_time": self.mean_job_time,
+            "in_flight": len(self.inflight), "running": self.running, "progress": self.progress,
+            "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed, "mean_job_time": self.mean_job_time,
             "devices": (self.system_stats or {}).get("devices", []),
             "at": time.time(),
         }

@@ -44,6 +44,13 @@ class Task:
             extra["client_id"] = self.client_id
         return extra
 
+    def summary(self) -> dict:
+        """The task as /lb/tasks shows it (no prompt graph, no credentials)."""
+        return {"task_id": self.prompt_id, "prompt_id": self.prompt_id, "state": self.state, "peer": self.peer,
+                "number": self.number, "attempts": self.attempts, "client_id": self.client_id,
+                "error": self.error, "created": self.created, "dispatched_at": self.dispatched_at,
+                "started_at": self.started_at, "finished_at": self.finished_at}
+
     def queue_item(self) -> list[Any]:
         """ComfyUI's queue tuple: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
         return [self.number, self.prompt_id, self.prompt, self.public_extra_data(), list(self.outputs)]

@@ -37,6 +37,7 @@ class Client:
         self.hello: dict | None = None
         self.feature_reply: dict | None = None
         self.other: list[tuple[str, Any]] = []
+        self._other_seen = asyncio.Condition()
         self._early: dict[str, list] = {}
         self._connected = asyncio.Event()
 
@@ -74,6 +75,8 @@ class Client:
                 pid = d.get("prompt_id") if isinstance(d, dict) else None
                 if pid is None:
                     self.other.append((t, d))
+                    async with self._other_seen:
+                        self._other_seen.notify_all()
                     continue
                 last_pid = pid
                 run = self.runs.get(pid)
@@ -89,6 +92,19 @@ class Client:
                     self._early.setdefault(last_pid, []).append((None, msg.data))
                 else:
                     run.binary.append(msg.data)
+
+    async def wait_event(self, event: str, pred, timeout: float = 60) -> Any:
+        """The first `event` message (not tied to a prompt) whose data satisfies `pred`,
+        waiting for it if it has not come yet; earlier ones are consumed."""
+        async def find():
+            async with self._other_seen:
+                while True:
+                    while self.other:
+                        t, d = self.other.pop(0)
+                        if t == event and pred(d):
+                            return d
+                    await self._other_seen.wait()
+        return await asyncio.wait_for(find(), timeout)
 
     def _track(self, pid: str) -> Run:
         run = self.runs.setdefault(pid, Run(pid))

@@ -1,37 +1,166 @@
-"""The `/lb/*` management API (JSON in and out, clear 4xx errors)."""
+"""The `/lb/*` management API: JSON in and out, 4xx errors that say what was wrong."""
 from __future__ import annotations
 
-import time
-from typing import Awaitable, Callable
+import hmac
+import json
+import os
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from ..config import STRATEGIES, ConfigError, parse_backend
 from ..dispatcher import Cluster
+from ..tasks import QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+TASK_STATES = (QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED)
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def lb_token(configured: str) -> str:
+    return configured or os.environ.get("COMFYLB_TOKEN", "")
 
 
 class LbApi:
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, token: str = "") -> None:
         self.cluster = cluster
+        self.token = lb_token(token)
 
     def routes(self) -> list[tuple[str, str, Handler]]:
-        return [
-            ("GET", "/lb/backends", self.backends),
+        guarded = [
             ("GET", "/lb/stats", self.stats),
+            ("GET", "/lb/backends", self.backends),
+            ("POST", "/lb/backends", self.add_backend),
+            ("GET", "/lb/backends/{name}", self.backend),
+            ("DELETE", "/lb/backends/{name}", self.remove_backend),
+            ("POST", "/lb/backends/{name}/enable", self.enable),
+            ("POST", "/lb/backends/{name}/disable", self.disable),
+            ("GET", "/lb/tasks", self.tasks),
+            ("GET", "/lb/tasks/{task_id}", self.task),
+            ("DELETE", "/lb/tasks/{task_id}", self.cancel_task),
+            ("POST", "/lb/health-check", self.health_check),
+            ("GET", "/lb/scheduler", self.scheduler),
+            ("POST", "/lb/scheduler/strategy/{strategy}", self.set_strategy),
         ]
+        return [(m, p, self._guard(h)) for m, p, h in guarded]
+
+    def _guard(self, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if self.token:
+                header = request.headers.get("Authorization", "")
+                given = header[7:] if header[:7].lower() == "bearer " else ""
+                if not hmac.compare_digest(given.encode(), self.token.encode()):
+                    return web.json_response({"error": "missing or wrong token: send Authorization: Bearer <token>"},
+                                             status=401, headers={"WWW-Authenticate": 'Bearer realm="comfylb"'})
+            return await handler(request)
+        return guarded
+
+    # -- reading -------------------------------------------------------------------------
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.cluster.stats())
 
     async def backends(self, request: web.Request) -> web.Response:
         return web.json_response({"backends": [p.describe() for p in self.cluster.peers.values()]})
 
-    async def stats(self, request: web.Request) -> web.Response:
-        c = self.cluster
-        return web.json_response({
-            "uptime": time.time() - c.started_at,
-            "totals": {k: c.counts.get(k, 0) for k in ("submitted", "completed", "failed", "cancelled", "retried")},
-            "queued": len(c.queue),
-            "running": sum(1 for t in c.tasks.values() if t.state == "running"),
-            "in_flight": sum(len(p.inflight) for p in c.peers.values()),
-            "backends": {p.name: {"inflight": len(p.inflight), "jobs_done": p.jobs_done,
-                                  "mean_job_time": p.mean_job_time} for p in c.peers.values()},
-        })
+    def _peer(self, request: web.Request):
+        name = request.match_info["name"]
+        peer = self.cluster.peers.get(name)
+        if peer is None or peer.removed:
+            return None, error(404, f"no backend named {name!r}")
+        return peer, None
+
+    async def backend(self, request: web.Request) -> web.Response:
+        peer, err = self._peer(request)
+        return err or web.json_response(peer.describe())
+
+    async def tasks(self, request: web.Request) -> web.Response:
+        q = request.rel_url.query
+        state = q.get("state")
+        if state is not None and state not in TASK_STATES:
+            return error(400, f"unknown state {state!r}", states=list(TASK_STATES))
+        try:
+            limit = int(q.get("limit", 100))
+            offset = int(q.get("offset", 0))
+        except ValueError:
+            return error(400, "limit and offset must be integers")
+        if not 1 <= limit <= 1000 or offset < 0:
+            return error(400, "limit must be 1-1000 and offset at least 0")
+        tasks = [t for t in reversed(self.cluster.record.values()) if state is None or t.state == state]
+        return web.json_response({"total": len(tasks), "offset": offset, "limit": limit,
+                                  "tasks": [t.summary() for t in tasks[offset:offset + limit]]})
+
+    async def task(self, request: web.Request) -> web.Response:
+        task = self.cluster.record.get(request.match_info["task_id"])
+        if task is None:
+            return error(404, f"no task {request.match_info['task_id']!r}")
+        return web.json_response(task.summary() | {"outputs_to_execute": task.outputs,
+                                                   "prompt": task.prompt, "extra_data": task.public_extra_data()})
+
+    async def scheduler(self, request: web.Request) -> web.Response:
+        return web.json_response(self.cluster.scheduler_info())
+
+    # -- changing --------------------------------------------------------------------------
+    async def add_backend(self, request: web.Request) -> web.Response:
+        try:
+            raw = json.loads(await request.read() or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            return error(400, f"body is not valid JSON: {e}")
+        if not isinstance(raw, dict):
+            return error(400, "expected a JSON object: {name, host, port, weight?, max_queue?, enabled?}")
+        try:
+            b = parse_backend(raw, "backend")
+        except ConfigError as e:
+            return error(400, str(e), field=e.field)
+        existing = self.cluster.peers.get(b.name)
+        if existing is not None and not existing.removed:
+            return error(409, f"a backend named {b.name!r} already exists")
+        if existing is not None:
+            return error(409, f"backend {b.name!r} is still finishing its prompts after removal; try again later")
+        peer = self.cluster.add_peer(b)
+        return web.json_response(peer.describe(), status=201)
+
+    async def remove_backend(self, request: web.Request) -> web.Response:
+        peer, err = self._peer(request)
+        if err:
+            return err
+        await self.cluster.remove_peer(peer.name)
+        return web.json_response({"removed": peer.name, "finishing": len(peer.tasks)})
+
+    async def enable(self, request: web.Request) -> web.Response:
+        return await self._set_enabled(request, True)
+
+    async def disable(self, request: web.Request) -> web.Response:
+        return await self._set_enabled(request, False)
+
+    async def _set_enabled(self, request: web.Request, enabled: bool) -> web.Response:
+        peer, err = self._peer(request)
+        if err:
+            return err
+        self.cluster.set_enabled(peer.name, enabled)
+        return web.json_response(peer.describe())
+
+    async def cancel_task(self, request: web.Request) -> web.Response:
+        task_id = request.match_info["task_id"]
+        task = self.cluster.record.get(task_id)
+        if task is None:
+            return error(404, f"no task {task_id!r}")
+        if not await self.cluster.cancel(task_id):
+            return error(409, f"task {task_id!r} has already ended ({task.state})", task=task.summary())
+        return web.json_response(task.summary(), status=202)
+
+    async def health_check(self, request: web.Request) -> web.Response:
+        await self.cluster.health.check_all()
+        return web.json_response({"backends": [
+            {"name": p.name, "state": p.health.state, "linked": p.linked, "available": p.available,
+             "last_error": p.health.last_error, "checked_at": p.health.checked_at}
+            for p in self.cluster.peers.values()]})
+
+    async def set_strategy(self, request: web.Request) -> web.Response:
+        strategy = request.match_info["strategy"]
+        if strategy not in STRATEGIES:
+            return error(400, f"unknown strategy {strategy!r}", strategies=list(STRATEGIES))
+        self.cluster.set_strategy(strategy)
+        return web.json_response(self.cluster.scheduler_info())

@@ -104,7 +104,7 @@ def build_app(cfg: Config) -> web.Application:
         return ws
 
     app.router.add_get("/ws", websocket)
-    for method, path, handler in LbApi(cluster).routes():
+    for method, path, handler in LbApi(cluster, cfg.auth.token).routes():
         app.router.add_route(method, path, handler)
     for method, path, handler in api.routes():
         app.router.add_route(method, "/api" + path, handler)

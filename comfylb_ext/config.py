@@ -61,11 +61,21 @@ class BackendConfig:
     max_queue: int = 10
     enabled: bool = True
     scheme: str = "http"
+    tags: list = field(default_factory=list)      # what a routing node may ask for, e.g. [gpu24]
+    headers: dict = field(default_factory=dict)   # sent with every request to the peer
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass
+class LocalConfig:
+    # Extension mode: the coordinator ComfyUI itself as one more peer.
+    enabled: bool = False
+    weight: float = 1
+    max_queue: int = 1
 
 
 @dataclass
@@ -89,11 +99,12 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     source: str | None = None
 
 
-_TYPES = {"float": float, "int": int, "bool": bool, "str": str}
+_TYPES = {"float": float, "int": int, "bool": bool, "str": str, "list": list, "dict": dict}
 
 
 def _check_type(path: str, value: Any, typ: type) -> Any:
@@ -113,6 +124,14 @@ def _check_type(path: str, value: Any, typ: type) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(path, f"expected a non-empty string, got {value!r}")
         return value
+    if typ is list:  # lists of names (tags)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(path, f"expected a list of names, got {value!r}")
+        return list(value)
+    if typ is dict:  # string to string (HTTP headers)
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(path, f"expected a mapping of names to strings, got {value!r}")
+        return dict(value)
     raise AssertionError(typ)
 
 
@@ -178,7 +197,7 @@ def _parse(raw: Any, source: str | None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", "expected a mapping of sections")
-    known = {"server", "scheduler", "health_check", "queue", "storage", "auth", "backends"}
+    known = {"server", "scheduler", "health_check", "queue", "storage", "auth", "local", "backends"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown section (known: {', '.join(sorted(known))})")
@@ -189,6 +208,7 @@ def _parse(raw: Any, source: str | None) -> Config:
         queue=_section(QueueConfig, raw.get("queue"), "queue"),
         storage=_section(StorageConfig, raw.get("storage"), "storage"),
         auth=_section(AuthConfig, raw.get("auth"), "auth"),
+        local=_section(LocalConfig, raw.get("local"), "local"),
         source=source,
     )
     check_port("server.port", cfg.server.port)
@@ -202,6 +222,8 @@ def _parse(raw: Any, source: str | None) -> Config:
     for name in ("unhealthy_threshold", "healthy_threshold"):
         if getattr(hc, name) < 1:
             raise ConfigError(f"health_check.{name}", "must be at least 1")
+    if cfg.local.max_queue < 1 or cfg.local.weight <= 0:
+        raise ConfigError("local", "max_queue must be at least 1 and weight greater than 0")
     if cfg.queue.max_size < 1:
         raise ConfigError("queue.max_size", "must be at least 1")
     if cfg.queue.retry_interval < 0:

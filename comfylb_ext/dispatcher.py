@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from . import validation
+from . import routing, validation
 from .config import STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
 from .history import History
@@ -35,6 +35,7 @@ STATUS_EVENT = "comfylb.status"   # the custom websocket event that carries live
 PUSH_EVERY = 0.1                  # seconds: at most this many pushes of it per second
 SNAPSHOT_TASKS = 50               # queued/running tasks included in a push
 RECORD_SIZE = 10000               # finished tasks kept for /lb/tasks
+PUMP_SCAN = 1000                  # queued tasks looked at per dispatch for one a free peer may run
 # Events the coordinator keeps for a history entry it must write itself.
 _STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
 
@@ -234,6 +235,13 @@ class Cluster:
         if partial is not None and not (isinstance(partial, list) and all(isinstance(x, str) for x in partial)):
             return 400, validation.error_body(validation._err(
                 "invalid_prompt", "partial_execution_targets must be a list of node ids", repr(partial)[:200]))
+        if isinstance(prompt, dict):
+            prompt, targets, rules = routing.extract(prompt)
+            refusal = self._unroutable(rules)
+            if refusal is not None:
+                return 400, refusal
+        else:
+            targets = None
         ok, error, outputs, node_errors = validation.validate(prompt, self.catalog(), partial)
         if not ok:
             return 400, validation.error_body(error, node_errors)
@@ -252,7 +260,7 @@ class Cluster:
         if client_id is not None:
             extra["client_id"] = client_id
         task = Task(prompt_id, number, prompt, extra, outputs,
-                    client_id=str(client_id) if client_id else None, partial_targets=partial)
+                    client_id=str(client_id) if client_id else None, partial_targets=partial, targets=targets)
         self.tasks[prompt_id] = task
         self._remember(task)
         self.queue.push(task)
@@ -262,17 +270,53 @@ class Cluster:
         self.spawn(self.broadcast_status())
         return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
+    def _unroutable(self, rules: dict[str, frozenset[str]]) -> dict | None:
+        """ComfyUI's 400 body when a routing node names no peer we have."""
+        peers = [p for p in self.peers.values() if not p.removed]
+        node_errors = {}
+        for nid, targets in rules.items():
+            if targets and not any(p.matches(targets) for p in peers):
+                node_errors[nid] = {"errors": [validation._err(
+                    "no_matching_peer", "No peer matches this routing rule",
+                    f"target {', '.join(sorted(targets))!r}: no peer has this name or tag",
+                    {"input_name": "target", "received_value": ", ".join(sorted(targets)),
+                     "peers": sorted(p.name for p in peers)})],
+                    "dependent_outputs": [], "class_type": routing.ROUTE_CLASS}
+        allowed = None
+        for targets in rules.values():
+            if targets:
+                allowed = targets if allowed is None else allowed & targets
+        if not node_errors and allowed is not None and not any(p.matches(allowed) for p in peers):
+            node_errors = {nid: {"errors": [validation._err(
+                "no_matching_peer", "No peer satisfies every routing rule together",
+                f"targets {', '.join(sorted(t))!r}", {"input_name": "target"})],
+                "dependent_outputs": [], "class_type": routing.ROUTE_CLASS} for nid, t in rules.items()}
+        if not node_errors:
+            return None
+        return validation.error_body(validation._err(
+            "prompt_outputs_failed_validation", "No peer can run this prompt",
+            "\n".join(e["errors"][0]["details"] for e in node_errors.values())), node_errors)
+
     # -- dispatch ------------------------------------------------------------------
     def pump(self) -> None:
-        """Hand queued tasks to peers with room, best first, until one side runs out."""
+        """Hand queued tasks to peers with room, best first, until one side runs out.
+
+        A task that only some peers may run (a routing rule) does not hold up the tasks
+        behind it: they may take a peer it cannot use."""
         while True:
-            task = self.queue.first()
-            if task is None:
+            peers = [p for p in self.peers.values() if p.view().has_room]
+            if not peers:
                 return
-            chosen = pick([p.view() for p in self.peers.values()], self.sched)
-            if chosen is None:
+            for depth, task in enumerate(self.queue.ordered()):
+                if depth >= PUMP_SCAN:
+                    return
+                views = [p.view() for p in self.peers.values() if p.matches(task.targets)]
+                chosen = pick(views, self.sched)
+                if chosen is not None:
+                    break
+            else:
                 return
-            self.queue.pop()
+            self.queue.remove(task.prompt_id)
             peer = self.peers[chosen.name]
             peer.last_pick = next(self._picks)
             task.state, task.peer = DISPATCHED, peer.name

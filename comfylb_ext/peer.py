@@ -86,6 +86,10 @@ class Peer:
     def mean_job_time(self) -> float | None:
         return self.job_time_total / self.jobs_done if self.jobs_done else None
 
+    def matches(self, targets: frozenset[str] | None) -> bool:
+        """Whether a routing rule (peer names or tags) lets a prompt run here."""
+        return targets is None or self.name in targets or not targets.isdisjoint(self.cfg.tags)
+
     def view(self) -> PeerView:
         return PeerView(self.name, len(self.inflight), self.cfg.max_queue, self.cfg.weight,
                         self.available, self.last_pick)
@@ -119,7 +123,7 @@ class Peer:
         ws_url = self.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
         while True:
             try:
-                async with self.session.ws_connect(ws_url, heartbeat=10.0, max_msg_size=0,
+                async with self.session.ws_connect(ws_url, heartbeat=10.0, max_msg_size=0, headers=self.cfg.headers,
                                                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
                     self._ws = ws
                     await ws.send_json(FEATURE_FLAGS)
@@ -166,7 +170,7 @@ class Peer:
         """One HTTP call; returns (status, parsed JSON or text).  PeerError when unreachable."""
         t = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
         try:
-            async with self.session.request(method, self.url + path, timeout=t, **kw) as r:
+            async with self.session.request(method, self.url + path, timeout=t, headers=self.cfg.headers, **kw) as r:
                 body = await r.read()
                 if "json" in (r.content_type or ""):
                     try:
@@ -204,8 +208,9 @@ class Peer:
     async def open_stream(self, method: str, path: str, **kw) -> aiohttp.ClientResponse:
         """A response to stream through (caller releases it)."""
         try:
-            return await self.session.request(method, self.url + path, timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self.request_timeout, sock_read=self.request_timeout), **kw)
+            return await self.session.request(method, self.url + path, headers=self.cfg.headers,
+                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout,
+                                                                            sock_read=self.request_timeout), **kw)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise PeerError(f"{method} {path}: {e.__class__.__name__}: {e}") from e
 
@@ -223,7 +228,7 @@ class Peer:
     def describe(self) -> dict:
         return {"status": self.status,
             "name": self.name, "url": self.url, "host": self.cfg.host, "port": self.cfg.port,
-            "weight": self.cfg.weight, "max_queue": self.cfg.max_queue, "enabled": self.enabled,
+            "weight": self.cfg.weight, "max_queue": self.cfg.max_queue, "enabled": self.enabled, "tags": self.cfg.tags,
             "scheme": self.cfg.scheme, "removed": self.removed, "linked": self.linked, "available": self.available,
             "health": {"state": self.health.state, "last_error": self.health.last_error or self.link_error,
                        "changed_at": self.health.changed_at, "checked_at": self.health.checked_at},

@@ -25,6 +25,7 @@ class Task:
     outputs: list[str]
     client_id: str | None = None
     partial_targets: list[str] | None = None
+    targets: frozenset[str] | None = None  # peer names/tags a routing rule allows (None: any)
     seq: int = 0
     state: str = QUEUED
     peer: str | None = None
@@ -81,14 +82,28 @@ class TaskQueue:
         heapq.heappush(self._heap, (task.number, task.seq, task.prompt_id))
 
     def remove(self, prompt_id: str) -> Task | None:
-        # Lazy deletion: the heap entry is skipped when it surfaces.
-        return self._tasks.pop(prompt_id, None)
+        # Lazy deletion: the heap entry is skipped when it surfaces, and the heap is
+        # rebuilt once such dead entries outnumber the live ones.
+        task = self._tasks.pop(prompt_id, None)
+        if len(self._heap) > 2 * len(self._tasks) + 64:
+            self._heap = [(t.number, t.seq, t.prompt_id) for t in self._tasks.values()]
+            heapq.heapify(self._heap)
+        return task
 
     def __iter__(self) -> Iterator[Task]:
         """Live tasks in priority order (sorting a copy; the heap stays untouched)."""
         for _, _, pid in sorted(self._heap):
             task = self._tasks.get(pid)
             if task is not None and task.state == QUEUED:
+                yield task
+
+    def ordered(self) -> Iterator[Task]:
+        """Live tasks in priority order, lazily: cheap when only the first few are wanted."""
+        heap = list(self._heap)
+        while heap:
+            _, seq, pid = heapq.heappop(heap)
+            task = self._tasks.get(pid)
+            if task is not None and task.seq == seq:
                 yield task
 
     def first(self) -> Task | None:

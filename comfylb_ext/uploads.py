@@ -1,8 +1,10 @@
-"""Files uploaded to the coordinator (`/upload/image`, `/upload/mask`).
+"""Input files the coordinator holds (`/upload/image`, `/upload/mask`).
 
 The coordinator keeps them and delivers each to whichever peer runs a prompt that uses
 it.  Naming follows ComfyUI's `image_upload`: without `overwrite`, an existing name with
 identical bytes is reused and a different file is renamed `name (1).ext`, `name (2).ext`…
+The files are looked up on disk each time, so a host that writes them itself (ComfyUI's
+own upload routes, in the extension) needs no bookkeeping here.
 """
 from __future__ import annotations
 
@@ -44,26 +46,16 @@ def _sha(data: bytes) -> str:
 
 
 class InputStore:
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).resolve()
-        self._index: dict[tuple[str, str, str], StoredFile] = {}
-        self._scan()
-
-    def _scan(self) -> None:
-        for typ in TYPES:
-            base = self.root / typ
-            if not base.is_dir():
-                continue
-            for path in base.rglob("*"):
-                if path.is_file():
-                    rel = path.relative_to(base)
-                    sub = rel.parent.as_posix() if rel.parent != Path(".") else ""
-                    self._index[(typ, sub, path.name)] = StoredFile(typ, sub, path.name, _sha(path.read_bytes()))
+    def __init__(self, dirs: dict[str, str | os.PathLike] | str | os.PathLike) -> None:
+        if not isinstance(dirs, dict):
+            dirs = {t: Path(dirs) / t for t in TYPES}
+        self.dirs = {t: Path(d).resolve() for t, d in dirs.items()}
+        self._digests: dict[Path, tuple[int, int, str]] = {}
 
     def directory(self, typ: str) -> Path:
-        if typ not in TYPES:
+        if typ not in self.dirs:
             raise UploadError(f"unknown type {typ!r}")
-        return self.root / typ
+        return self.dirs[typ]
 
     def resolve(self, typ: str, subfolder: str, filename: str) -> Path:
         """The path for a file, refusing anything that escapes the type's directory."""
@@ -73,9 +65,21 @@ class InputStore:
         if "\x00" in subfolder or os.path.isabs(subfolder):
             raise UploadError(f"bad subfolder {subfolder!r}")
         path = (base / os.path.normpath(subfolder or ".") / filename).resolve()
-        if os.path.commonpath((str(base.resolve()), str(path))) != str(base.resolve()):
+        if os.path.commonpath((str(base), str(path))) != str(base):
             raise UploadError("path escapes the upload directory")
         return path
+
+    def _digest(self, path: Path) -> str | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        cached = self._digests.get(path)
+        if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
+            return cached[2]
+        digest = _sha(path.read_bytes())
+        self._digests[path] = (st.st_size, st.st_mtime_ns, digest)
+        return digest
 
     def save(self, data: bytes, filename: str, subfolder: str = "", typ: str = "input",
              overwrite: bool = False) -> StoredFile:
@@ -85,23 +89,25 @@ class InputStore:
             stem, ext = os.path.splitext(filename)
             i = 1
             while path.exists():
-                if _sha(path.read_bytes()) == digest:
-                    return self._remember(typ, subfolder, path.name, digest)
+                if self._digest(path) == digest:
+                    return StoredFile(typ, subfolder, path.name, digest)
                 path = path.with_name(f"{stem} ({i}){ext}")
                 i += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.part")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-        return self._remember(typ, subfolder, path.name, digest)
-
-    def _remember(self, typ: str, subfolder: str, name: str, digest: str) -> StoredFile:
-        f = StoredFile(typ, subfolder, name, digest)
-        self._index[f.key] = f
-        return f
+        return StoredFile(typ, subfolder, path.name, digest)
 
     def lookup(self, typ: str, subfolder: str, filename: str) -> StoredFile | None:
-        return self._index.get((typ, subfolder, filename))
+        try:
+            path = self.resolve(typ, subfolder, filename)
+        except UploadError:
+            return None
+        if not path.is_file():
+            return None
+        digest = self._digest(path)
+        return StoredFile(typ, subfolder, filename, digest) if digest else None
 
     def path_of(self, f: StoredFile) -> Path:
         return self.resolve(f.type, f.subfolder, f.filename)
@@ -110,18 +116,16 @@ class InputStore:
         """Stored files that a prompt names in any string input (LoadImage's `image`,
         `sub/name.png`, `name.png [input]` …): those must reach the peer first."""
         found: dict[tuple[str, str, str], StoredFile] = {}
-        if not self._index:
-            return []
         for node in prompt.values():
             inputs = node.get("inputs") if isinstance(node, dict) else None
             if not isinstance(inputs, dict):
                 continue
             for value in inputs.values():
-                if not isinstance(value, str) or not value:
+                if not isinstance(value, str) or not value or len(value) > 1024 or "\n" in value:
                     continue
                 name, typ = split_annotation(value)
                 sub, _, base = name.replace("\\", "/").rpartition("/")
-                f = self._index.get((typ or "input", sub, base))
+                f = self.lookup(typ or "input", sub, base)
                 if f is not None:
                     found[f.key] = f
         return list(found.values())

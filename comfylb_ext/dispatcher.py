@@ -326,8 +326,9 @@ class Cluster:
             self.changed()
             self.spawn(self._send(task, peer))
 
-    def _payload(self, task: Task) -> dict:
-        body = {"prompt": task.prompt, "client_id": self.client_id, "prompt_id": task.prompt_id,
+    def _payload(self, task: Task, peer: Peer) -> dict:
+        body = {"prompt": routing.per_peer_outputs(task.prompt, peer.name),
+                "client_id": self.client_id, "prompt_id": task.prompt_id,
                 "extra_data": {k: v for k, v in task.extra_data.items() if k != "client_id"}}
         if task.partial_targets is not None:
             body["partial_execution_targets"] = task.partial_targets
@@ -337,7 +338,7 @@ class Cluster:
         try:
             for f in self.store.references(task.prompt):
                 await peer.deliver(f, self.store.path_of(f))
-            status, body = await peer.post_json("/prompt", self._payload(task))
+            status, body = await peer.post_json("/prompt", self._payload(task, peer))
         except PeerError as e:
             if peer.tasks.get(task.prompt_id) is task and task.state == DISPATCHED:
                 log.warning("peer %s: could not take %s (%s); back to the queue", peer.name, task.prompt_id, e)

@@ -28,3 +28,18 @@ def extract(prompt: dict) -> tuple[dict, frozenset[str] | None, dict[str, frozen
         if targets:
             allowed = targets if allowed is None else allowed & targets
     return stripped, allowed, rules
+
+
+def per_peer_outputs(prompt: dict, peer: str) -> dict:
+    """Save nodes write into a subfolder named after the peer (`filename_prefix` "x" →
+    "peer/x"): every peer numbers its files from 1, so without this two peers produce the
+    same file name and /view could not tell them apart."""
+    out = None
+    for nid, node in prompt.items():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        prefix = inputs.get("filename_prefix") if isinstance(inputs, dict) else None
+        if isinstance(prefix, str) and not prefix.startswith(f"{peer}/"):
+            if out is None:
+                out = dict(prompt)
+            out[nid] = {**node, "inputs": {**inputs, "filename_prefix": f"{peer}/{prefix}"}}
+    return out if out is not None else prompt

@@ -97,7 +97,8 @@ def comfyui_env() -> dict:
 
 
 def start_comfyui(env: dict, name: str, workdir: Path, port: int | None = None,
-                  extra_args: list[str] | None = None) -> Proc:
+                  extra_args: list[str] | None = None, custom_nodes: dict[str, Path] | None = None,
+                  environ: dict[str, str] | None = None) -> Proc:
     """One real ComfyUI on CPU with ComfyUI's own testing nodes (TestSleep & co.)."""
     home = workdir / name
     (home / "custom_nodes").mkdir(parents=True, exist_ok=True)
@@ -106,12 +107,17 @@ def start_comfyui(env: dict, name: str, workdir: Path, port: int | None = None,
     example = Path(env["tree"]) / "custom_nodes" / "websocket_image_save.py"
     if example.exists():
         shutil.copy(example, home / "custom_nodes" / example.name)
+    for link, target in (custom_nodes or {}).items():
+        dest = home / "custom_nodes" / link
+        if not dest.exists():
+            dest.symlink_to(target, target_is_directory=True)
     port = port or free_port()
     argv = [env["python"], "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
             "--disable-auto-launch", "--base-directory", str(home), "--database-url", "sqlite:///:memory:",
             "--extra-model-paths-config", "tests/execution/extra_model_paths.yaml", *(extra_args or [])]
     log = workdir / f"{name}.log"
-    return Proc(name, port, _spawn(argv, log, env["tree"]), log, home, argv, env["tree"])
+    child_env = {**os.environ, **environ} if environ else None
+    return Proc(name, port, _spawn(argv, log, env["tree"], child_env), log, home, argv, env["tree"])
 
 
 def start_balancer(workdir: Path, name: str, backends: list[dict], **sections) -> Proc:

@@ -28,6 +28,12 @@ def bad_request(message: str, details: str = "", typ: str = "invalid_request") -
     return web.json_response(error_body(_err(typ, message, details)), status=400)
 
 
+def param(request: web.Request, name: str) -> str:
+    """A path parameter, whether aiohttp routed the request or the extension's middleware did."""
+    params = request.get("comfylb_params")
+    return params[name] if params is not None else request.match_info[name]
+
+
 async def read_json(request: web.Request, *, empty: Any = None) -> Any:
     """The request's JSON body; `empty` if there is none; ValueError if it is not JSON."""
     raw = await request.read()
@@ -40,10 +46,15 @@ async def read_json(request: web.Request, *, empty: Any = None) -> Any:
 
 
 class ComfyApi:
-    def __init__(self, cluster: Cluster, store: InputStore, max_upload_size: int = MAX_UPLOAD_SIZE) -> None:
+    def __init__(self, cluster: Cluster, store: InputStore, max_upload_size: int = MAX_UPLOAD_SIZE,
+                 own_files: bool = False, on_prompt: Callable[[Any], Any] | None = None) -> None:
         self.cluster = cluster
         self.store = store
         self.max_upload_size = max_upload_size
+        # In the extension the host (ComfyUI) serves its own files: view() answers None
+        # for anything no peer produced, and the host's handler takes over.
+        self.own_files = own_files
+        self.on_prompt = on_prompt
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         """(method, path, handler) for every route; hosts add the `/api` twins."""
@@ -76,6 +87,8 @@ class ComfyApi:
         except ValueError as e:
             return web.json_response(error_body(_err("invalid_prompt", "Invalid JSON in request body", str(e))),
                                      status=400)
+        if self.on_prompt is not None:
+            data = self.on_prompt(data)
         status, body = self.cluster.submit(data)
         return web.json_response(body, status=status)
 
@@ -128,7 +141,7 @@ class ComfyApi:
         return web.json_response(self.cluster.history.items(max_items, offset))
 
     async def get_history_item(self, request: web.Request) -> web.Response:
-        pid = request.match_info["prompt_id"]
+        pid = param(request, "prompt_id")
         entry = self.cluster.history.get(pid)
         return web.json_response({pid: entry} if entry is not None else {})
 
@@ -144,7 +157,7 @@ class ComfyApi:
         return web.Response(status=200)
 
     # -- files -------------------------------------------------------------------------------
-    async def view(self, request: web.Request) -> web.StreamResponse:
+    async def view(self, request: web.Request) -> web.StreamResponse | None:
         q = request.rel_url.query
         if "filename" not in q:
             return web.Response(status=404)
@@ -163,6 +176,8 @@ class ComfyApi:
         peer = self.cluster.producer_of(typ, sub, base)
         if peer is not None:
             return await self._proxy(request, peer, "/view?" + request.query_string)
+        if self.own_files:
+            return None
         stored = self.store.lookup(typ, sub, base)
         if stored is None:
             return web.Response(status=404)
@@ -266,7 +281,7 @@ class ComfyApi:
         return web.json_response(await self._catalog())
 
     async def object_info_node(self, request: web.Request) -> web.Response:
-        cls = request.match_info["node_class"]
+        cls = param(request, "node_class")
         catalog = await self._catalog()
         return web.json_response({cls: catalog[cls]} if cls in catalog else {})
 
@@ -296,7 +311,7 @@ class ComfyApi:
         return list(merged.values())
 
     async def models_folder(self, request: web.Request) -> web.Response:
-        folder = request.match_info["folder"]
+        folder = param(request, "folder")
         known = await self._union("/models")
         if folder not in known:
             return web.Response(status=404)

@@ -1,0 +1,213 @@
+"""The extension host: the core attached to a running ComfyUI's PromptServer.
+
+ComfyUI keeps serving its web UI, websockets, uploads and its own files; a middleware
+appended at import time (api.md §4.3) answers the routes that must describe the whole
+cluster, for `/x` and `/api/x` alike.  Peer events reach the browser through
+PromptServer's own sockets.  Nothing here runs unless ComfyUI is the host.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from ..api.comfy import ComfyApi
+from ..api.lb import LbApi
+from ..config import BackendConfig, Config, ConfigError, load
+from ..dispatcher import Cluster
+from ..uploads import InputStore
+
+log = logging.getLogger(__name__)
+
+BYPASS = "X-ComfyLB-Local"   # the coordinator's own requests to itself as the `local` peer
+LOCAL = "local"
+
+Intercept = Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
+                     Awaitable[web.StreamResponse]]
+
+
+class PromptServerHub:
+    """The coordinator ComfyUI's own client sockets."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    async def send_json(self, event: str, data: Any, sid: str | None = None) -> None:
+        await self.server.send_json(event, data, sid)
+
+    async def send_bytes(self, event: int, payload: bytes, sid: str | None = None) -> None:
+        await self.server.send_bytes(event, payload, sid)
+
+    def wants_metadata(self, sid: str) -> bool:
+        meta = self.server.sockets_metadata.get(sid) or {}
+        return bool((meta.get("feature_flags") or {}).get("supports_preview_metadata"))
+
+
+def find_config(here: str) -> str:
+    return os.environ.get("COMFYLB_CONFIG") or os.path.join(here, "config.yaml")
+
+
+def attach_from_environment(server: Any, here: str) -> Cluster | None:
+    """Read the config and attach, or leave ComfyUI exactly as it is and say why in one line."""
+    path = find_config(here)
+    if not os.path.exists(path):
+        log.info("ComfyLB: no config at %s (set COMFYLB_CONFIG or copy config.example.yaml there); "
+                 "ComfyUI runs as usual", path)
+        return None
+    try:
+        cfg = load(path)
+    except ConfigError as e:
+        log.error("ComfyLB: config error: %s; ComfyUI runs as usual", e)
+        return None
+    if not any(b.enabled for b in cfg.backends) and not cfg.local.enabled:
+        log.info("ComfyLB: no enabled peer in %s; ComfyUI runs as usual", path)
+        return None
+    if any(b.name == LOCAL for b in cfg.backends):
+        log.error("ComfyLB: config error: %s: the backend name %r is reserved for the coordinator itself; "
+                  "ComfyUI runs as usual", path, LOCAL)
+        return None
+    if not os.path.isabs(cfg.storage.dir):
+        cfg.storage.dir = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.storage.dir)
+    return attach(server, cfg)
+
+
+def _local_address() -> tuple[str, int]:
+    from comfy.cli_args import args  # only inside ComfyUI
+
+    listen = (args.listen or "127.0.0.1").split(",")[0].strip()
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(listen, listen)
+    return host, int(args.port)
+
+
+def _compile(path: str) -> re.Pattern:
+    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+
+
+def attach(server: Any, cfg: Config) -> Cluster:
+    import folder_paths  # only inside ComfyUI
+
+    secret = uuid.uuid4().hex
+    if cfg.local.enabled:
+        host, port = _local_address()
+        cfg.backends.append(BackendConfig(name=LOCAL, host=host, port=port, weight=cfg.local.weight,
+                                          max_queue=cfg.local.max_queue, headers={BYPASS: secret}))
+    store = InputStore({"input": folder_paths.get_input_directory(),
+                        "output": folder_paths.get_output_directory(),
+                        "temp": folder_paths.get_temp_directory()})
+    cluster = Cluster(cfg, PromptServerHub(server), store)
+    api = ComfyApi(cluster, store, own_files=True, on_prompt=server.trigger_on_prompt)
+
+    def cluster_only(handler) -> Intercept:
+        """The cluster answers; the coordinator's own handler is not asked."""
+        async def intercept(request, original):
+            return await handler(request)
+        return intercept
+
+    async def view(request, original):
+        resp = await api.view(request)
+        return resp if resp is not None else await original(request)
+
+    async def interrupt(request, original):
+        try:
+            data = json.loads(await request.read() or b"{}")
+        except ValueError:
+            data = {}
+        pid = data.get("prompt_id") if isinstance(data, dict) else None
+        if pid is not None and str(pid) not in cluster.tasks:
+            return await original(request)  # not ours: ComfyUI's own prompt
+        await cluster.interrupt(str(pid) if pid is not None else None)
+        return web.Response(status=200)
+
+    async def local_json(request, original) -> Any:
+        resp = await original(request)
+        return json.loads(resp.body) if resp.status == 200 and resp.body else None
+
+    async def object_info(request, original):
+        local = await local_json(request, original) or {}
+        return web.json_response({**local, **await api._catalog()})
+
+    async def object_info_node(request, original):
+        peers = await api._catalog()
+        cls = request["comfylb_params"]["node_class"]
+        if cls in peers:
+            return web.json_response({cls: peers[cls]})
+        return await original(request)
+
+    def union(path: str) -> Intercept:
+        async def intercept(request, original):
+            local = await local_json(request, original)
+            merged = {json.dumps(x, sort_keys=True): x for x in (local or []) + await api._union(path)}
+            return web.json_response(list(merged.values()))
+        return intercept
+
+    async def models_folder(request, original):
+        folder = request["comfylb_params"]["folder"]
+        local = await local_json(request, original)
+        remote = await api._union(f"/models/{folder}") if folder in await api._union("/models") else None
+        if local is None and remote is None:
+            return web.Response(status=404)
+        merged = {json.dumps(x, sort_keys=True): x for x in (local or []) + (remote or [])}
+        return web.json_response(list(merged.values()))
+
+    async def system_stats(request, original):
+        local = await local_json(request, original) or {}
+        devices = [dict(d, peer=LOCAL) for d in local.get("devices", [])] if cfg.local.enabled else []
+        for p in cluster.peers.values():
+            if p.name != LOCAL and p.system_stats and not p.removed:
+                devices += [dict(d, peer=p.name) for d in p.system_stats.get("devices", [])]
+        return web.json_response({"system": local.get("system", {}), "devices": devices})
+
+    table: list[tuple[str, str, Intercept]] = [
+        ("POST", "/prompt", cluster_only(api.post_prompt)),
+        ("GET", "/prompt", cluster_only(api.get_prompt)),
+        ("GET", "/queue", cluster_only(api.get_queue)),
+        ("POST", "/queue", cluster_only(api.post_queue)),
+        ("POST", "/interrupt", interrupt),
+        ("GET", "/history", cluster_only(api.get_history)),
+        ("GET", "/history/{prompt_id}", cluster_only(api.get_history_item)),
+        ("POST", "/history", cluster_only(api.post_history)),
+        ("GET", "/view", view),
+        ("GET", "/object_info", object_info),
+        ("GET", "/object_info/{node_class}", object_info_node),
+        ("GET", "/embeddings", union("/embeddings")),
+        ("GET", "/models", union("/models")),
+        ("GET", "/models/{folder}", models_folder),
+        ("GET", "/system_stats", system_stats),
+    ]
+    compiled = [(m, _compile(p), h) for m, p, h in table]
+
+    @web.middleware
+    async def comfylb_middleware(request: web.Request, handler):
+        if request.headers.get(BYPASS) == secret:
+            return await handler(request)
+        path = request.path[4:] if request.path.startswith("/api/") else request.path
+        for method, pattern, intercept in compiled:
+            if method == request.method:
+                m = pattern.match(path)
+                if m is not None:
+                    request["comfylb_params"] = m.groupdict()
+                    return await intercept(request, handler)
+        return await handler(request)
+
+    server.app.middlewares.append(comfylb_middleware)
+    for method, path, handler in LbApi(cluster, cfg.auth.token).routes():
+        server.routes.route(method, path)(handler)  # ComfyUI adds the /api twin
+    server.get_queue_info = lambda: {"exec_info": {"queue_remaining": cluster.queue_remaining()}}
+
+    async def start(app: web.Application) -> None:
+        await cluster.start()
+
+    async def stop(app: web.Application) -> None:
+        await cluster.stop()
+
+    server.app.on_startup.append(start)
+    server.app.on_cleanup.append(stop)
+    names = [b.name for b in cfg.backends if b.enabled]
+    log.info("ComfyLB: prompts sent to this ComfyUI run on %d peer(s): %s%s", len(names), ", ".join(names),
+             "" if cfg.local.enabled else " (not on this machine: local.enabled is false)")
+    return cluster

@@ -12,6 +12,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "== installing comfylb with its test dependencies"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing Debian's chromium for the browser tests"
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 echo "== real ComfyUI for the integration tests (cached)"
 "$VENV/bin/python" scripts/comfyui_env.py
 echo "== running the tests"

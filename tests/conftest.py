@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests import procs
 
@@ -74,3 +75,41 @@ def balancer(peers, workdir):
         yield lb
     finally:
         lb.stop()
+
+
+def coordinator(comfy_env, workdir, name: str, config: dict | None) -> procs.Proc:
+    environ = {}
+    if config is not None:
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        environ["COMFYLB_CONFIG"] = str(path)
+    else:
+        environ["COMFYLB_CONFIG"] = str(workdir / f"{name}-absent.yaml")
+    # A first start would open the template browser over the UI the browser tests drive.
+    settings = workdir / name / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    return procs.start_comfyui(comfy_env, name, workdir, custom_nodes={"comfylb": procs.REPO}, environ=environ)
+
+
+@pytest.fixture(scope="session")
+def coordinators(comfy_env, workdir, peers):
+    hc = {"interval": 1.0, "timeout": 2.0}
+    started = {
+        "coord": coordinator(comfy_env, workdir, "coord", {
+            "health_check": hc,
+            "backends": [peer_backend(peers[0], max_queue=1, tags=["gpu24"]), peer_backend(peers[1], max_queue=1)]}),
+        "coord_local": coordinator(comfy_env, workdir, "coord_local", {
+            "health_check": hc, "local": {"enabled": True, "max_queue": 1},
+            "backends": [peer_backend(peers[2], max_queue=1)]}),
+        "stock": coordinator(comfy_env, workdir, "stock", None),
+    }
+    try:
+        with ThreadPoolExecutor(len(started)) as pool:
+            list(pool.map(lambda p: p.wait_ready("/system_stats", 180), started.values()))
+        wait_backends(started["coord"], {peers[0].name, peers[1].name})
+        wait_backends(started["coord_local"], {peers[2].name, "local"})
+        yield started
+    finally:
+        for p in started.values():
+            p.stop()

@@ -31,6 +31,7 @@ class LbApi:
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         guarded = [
+            ("GET", "/lb/status", self.status),
             ("GET", "/lb/stats", self.stats),
             ("GET", "/lb/backends", self.backends),
             ("POST", "/lb/backends", self.add_backend),
@@ -59,6 +60,10 @@ class LbApi:
         return guarded
 
     # -- reading -------------------------------------------------------------------------
+    async def status(self, request: web.Request) -> web.Response:
+        """The same snapshot the comfylb.status event pushes: a panel's first paint."""
+        return web.json_response(self.cluster.snapshot())
+
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.cluster.stats())
 

@@ -70,6 +70,15 @@ async def _quietly(coro) -> None:
         pass  # the socket is closing; its handler cleans up
 
 
+def web_dir() -> Path:
+    """The panel's files: web/ in a checkout, comfylb_ext/web in an installed wheel."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[1] / "web", here.parents[2] / "web"):
+        if (candidate / "standalone.html").is_file():
+            return candidate
+    raise FileNotFoundError("the panel's web/ folder is missing from this installation")
+
+
 def build_app(cfg: Config) -> web.Application:
     hub = SocketHub()
     store = InputStore(Path(cfg.storage.dir) / "files")
@@ -104,6 +113,13 @@ def build_app(cfg: Config) -> web.Application:
         return ws
 
     app.router.add_get("/ws", websocket)
+    web_root = web_dir()
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(web_root / "standalone.html", headers={"Cache-Control": "no-cache"})
+
+    app.router.add_get("/", index)
+    app.router.add_static("/comfylb/js", web_root / "js")
     for method, path, handler in LbApi(cluster, cfg.auth.token).routes():
         app.router.add_route(method, path, handler)
     for method, path, handler in api.routes():

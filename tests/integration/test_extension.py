@@ -3,53 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import pytest
-import yaml
 
 from tests import procs
 from tests.client import Client, invert_prompt, sleep_prompt
-from tests.conftest import peer_backend
 from tests.integration.test_client_api import ran_on
 
 pytestmark = pytest.mark.real
-
-
-def coordinator(comfy_env, workdir, name: str, config: dict | None) -> procs.Proc:
-    environ = {}
-    if config is not None:
-        path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        environ["COMFYLB_CONFIG"] = str(path)
-    else:
-        environ["COMFYLB_CONFIG"] = str(workdir / f"{name}-absent.yaml")
-    return procs.start_comfyui(comfy_env, name, workdir, custom_nodes={"comfylb": procs.REPO}, environ=environ)
-
-
-@pytest.fixture(scope="module")
-def coordinators(comfy_env, workdir, peers):
-    hc = {"interval": 1.0, "timeout": 2.0}
-    started = {
-        "coord": coordinator(comfy_env, workdir, "coord", {
-            "health_check": hc,
-            "backends": [peer_backend(peers[0], max_queue=1, tags=["gpu24"]), peer_backend(peers[1], max_queue=1)]}),
-        "coord_local": coordinator(comfy_env, workdir, "coord_local", {
-            "health_check": hc, "local": {"enabled": True, "max_queue": 1},
-            "backends": [peer_backend(peers[2], max_queue=1)]}),
-        "stock": coordinator(comfy_env, workdir, "stock", None),
-    }
-    try:
-        with ThreadPoolExecutor(len(started)) as pool:
-            list(pool.map(lambda p: p.wait_ready("/system_stats", 180), started.values()))
-        from tests.conftest import wait_backends
-        wait_backends(started["coord"], {peers[0].name, peers[1].name})
-        wait_backends(started["coord_local"], {peers[2].name, "local"})
-        yield started
-    finally:
-        for p in started.values():
-            p.stop()
 
 
 def outputs_on_disk(proc: procs.Proc) -> list[str]:

@@ -1,0 +1,305 @@
+// The ComfyLB panel: one implementation, mounted by the ComfyUI sidebar tab (comfylb.js)
+// and by the standalone management page (../standalone.html).
+// ComfyUI imports every .js file in this folder, so this module has no side effects:
+// it only exports.
+
+export const STATUS_EVENT = "comfylb.status";
+
+const STYLE_ID = "comfylb-panel-style";
+const STYLES = `
+.comfylb { font-size: 13px; color: var(--fg-color, #ddd); padding: 8px 10px 16px; line-height: 1.35;
+  box-sizing: border-box; width: 100%; overflow-x: hidden; }
+.comfylb * { box-sizing: border-box; }
+.comfylb h3 { font-size: 12px; text-transform: uppercase; letter-spacing: .04em; margin: 14px 0 6px;
+  color: var(--descrip-text, #999); font-weight: 600; display: flex; align-items: center; gap: 6px; }
+.comfylb .cl-bar { display: flex; gap: 6px; align-items: center; flex-wrap: wrap; }
+.comfylb .cl-grow { flex: 1; }
+.comfylb button { font: inherit; color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222);
+  border: 1px solid var(--border-color, #444); border-radius: 6px; padding: 3px 8px; cursor: pointer;
+  display: inline-flex; align-items: center; gap: 4px; }
+.comfylb button:hover { border-color: var(--p-primary-color, #5b8def); }
+.comfylb button:focus-visible, .comfylb input:focus-visible, .comfylb select:focus-visible {
+  outline: 2px solid var(--p-primary-color, #5b8def); outline-offset: 1px; }
+.comfylb button.cl-danger:hover { border-color: var(--error-text, #e55); color: var(--error-text, #e55); }
+.comfylb button[disabled] { opacity: .5; cursor: default; }
+.comfylb input, .comfylb select { font: inherit; color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222);
+  border: 1px solid var(--border-color, #444); border-radius: 6px; padding: 3px 6px; min-width: 0; }
+.comfylb .cl-totals { display: grid; grid-template-columns: repeat(3, 1fr); gap: 4px; }
+.comfylb .cl-total { background: var(--comfy-input-bg, #222); border-radius: 6px; padding: 4px 6px; }
+.comfylb .cl-total b { display: block; font-size: 15px; }
+.comfylb .cl-total span { color: var(--descrip-text, #999); font-size: 11px; }
+.comfylb .cl-peer { border: 1px solid var(--border-color, #444); border-radius: 8px; padding: 6px 8px; margin-bottom: 6px; }
+.comfylb .cl-peer-head { display: flex; align-items: center; gap: 6px; }
+.comfylb .cl-name { font-weight: 600; flex: 1; min-width: 0; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.comfylb .cl-url { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.comfylb .cl-dim { color: var(--descrip-text, #999); font-size: 11.5px; }
+.comfylb .cl-dot { width: 9px; height: 9px; border-radius: 50%; flex: none; background: #888; }
+.comfylb .cl-healthy .cl-dot { background: #3c3; }
+.comfylb .cl-unhealthy .cl-dot, .comfylb .cl-down .cl-dot { background: var(--error-text, #e55); }
+.comfylb .cl-disabled .cl-dot, .comfylb .cl-removed .cl-dot { background: #888; }
+.comfylb .cl-unknown .cl-dot { background: #cb3; }
+.comfylb .cl-reason { color: var(--error-text, #e55); font-size: 11.5px; overflow-wrap: anywhere; }
+.comfylb .cl-progress { height: 4px; background: var(--comfy-input-bg, #222); border-radius: 2px; margin-top: 4px; overflow: hidden; }
+.comfylb .cl-progress > div { height: 100%; background: var(--p-primary-color, #5b8def); }
+.comfylb .cl-row { display: flex; gap: 6px; align-items: center; padding: 3px 0; border-bottom: 1px solid var(--border-color, #333); }
+.comfylb .cl-row:last-child { border-bottom: none; }
+.comfylb .cl-mono { font-family: ui-monospace, monospace; font-size: 11.5px; }
+.comfylb form { display: grid; grid-template-columns: repeat(auto-fit, minmax(96px, 1fr)); gap: 6px; }
+.comfylb form input { width: 100%; }
+.comfylb select { width: 100%; }
+.comfylb form label { display: flex; flex-direction: column; gap: 2px; font-size: 11.5px; color: var(--descrip-text, #999); }
+.comfylb form .cl-wide { grid-column: 1 / -1; }
+.comfylb .cl-error { color: var(--error-text, #e55); font-size: 11.5px; grid-column: 1 / -1; }
+.comfylb .cl-empty { color: var(--descrip-text, #999); font-style: italic; padding: 4px 0; }
+.comfylb .cl-banner { border: 1px solid var(--error-text, #e55); color: var(--error-text, #e55); border-radius: 6px; padding: 6px 8px; }
+`;
+
+const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+const gb = (bytes) => (bytes ? `${(bytes / 2 ** 30).toFixed(1)} GB` : "–");
+const secs = (s) => (s == null ? "–" : s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(0)} s`);
+
+/**
+ * host: {
+ *   request(method, path, body?) -> Promise<Response>   (adds the token if it has one)
+ *   onStatus(callback)            subscribe to comfylb.status snapshots
+ *   toast({severity, summary, detail})
+ *   askToken() -> Promise<string|null>   ask the user once, remember it
+ *   confirm(message) -> Promise<boolean>
+ * }
+ */
+export function createPanel(host) {
+  const state = {
+    snapshot: null,
+    error: null,
+    form: {name: "", host: "", port: "8188", weight: "1", max_queue: "2"},
+    formError: null,
+    pending: new Set(),
+    roots: new Set(),
+  };
+
+  async function call(method, path, body) {
+    let r = await host.request(method, path, body);
+    if (r.status === 401 && (await host.askToken())) r = await host.request(method, path, body);
+    let data = null;
+    try { data = await r.json(); } catch { /* empty body */ }
+    if (!r.ok) {
+      const message = (data && (data.error?.message || data.error)) || `HTTP ${r.status}`;
+      const err = new Error(typeof message === "string" ? message : JSON.stringify(message));
+      err.status = r.status;
+      throw err;
+    }
+    return data;
+  }
+
+  async function refresh() {
+    try {
+      state.snapshot = await call("GET", "/lb/status");
+      state.error = null;
+    } catch (e) {
+      state.error = e.status === 401 ? "A token is needed for /lb/* (set it in settings: ComfyLB › Token)." : `Cannot reach ComfyLB: ${e.message}`;
+    }
+    draw();
+  }
+
+  host.onStatus((snapshot) => {
+    state.snapshot = snapshot;
+    state.error = null;
+    draw();
+  });
+
+  async function act(key, fn, success) {
+    if (state.pending.has(key)) return;
+    state.pending.add(key);
+    draw();
+    try {
+      const result = await fn();
+      if (success) host.toast({severity: "success", summary: "ComfyLB", detail: success(result), life: 2500});
+      return result;
+    } catch (e) {
+      host.toast({severity: "error", summary: "ComfyLB", detail: e.message, life: 6000});
+      throw e;
+    } finally {
+      state.pending.delete(key);
+      await refresh();
+    }
+  }
+
+  const actions = {
+    toggle: (name, enabled) => act(`toggle:${name}`, () => call("POST", `/lb/backends/${encodeURIComponent(name)}/${enabled ? "disable" : "enable"}`),
+      () => `${name} ${enabled ? "disabled: it gets no new work" : "enabled"}`),
+    remove: async (name) => {
+      if (!(await host.confirm(`Remove peer “${name}”? Prompts already running there finish first.`))) return;
+      return act(`remove:${name}`, () => call("DELETE", `/lb/backends/${encodeURIComponent(name)}`), () => `${name} removed`);
+    },
+    check: () => act("check", () => call("POST", "/lb/health-check"), (r) => {
+      const bad = r.backends.filter((b) => !b.available).map((b) => b.name);
+      return bad.length ? `Checked: not available: ${bad.join(", ")}` : `Checked ${r.backends.length} peer(s): all available`;
+    }),
+    strategy: (name) => act("strategy", () => call("POST", `/lb/scheduler/strategy/${encodeURIComponent(name)}`), () => `Strategy: ${name}`),
+    cancel: (id) => act(`cancel:${id}`, () => call("DELETE", `/lb/tasks/${encodeURIComponent(id)}`), () => `Cancelled ${id.slice(0, 8)}`),
+    add: async () => {
+      const f = state.form;
+      const problem = validate(f);
+      state.formError = problem;
+      if (problem) { draw(); return; }
+      const body = {name: f.name.trim(), host: f.host.trim(), port: Number(f.port), weight: Number(f.weight), max_queue: Number(f.max_queue)};
+      try {
+        await act("add", () => call("POST", "/lb/backends", body), () => `${body.name} added; it gets work once healthy`);
+        state.form = {...state.form, name: "", host: ""};
+        state.formError = null;
+        for (const root of state.roots) root.querySelector("form")?.reset();
+        syncForm();
+      } catch (e) {
+        state.formError = e.message;
+        draw();
+      }
+    },
+  };
+
+  function validate(f) {
+    if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(f.name.trim())) return "Name: letters, digits, '-', '_' or '.'";
+    const h = f.host.trim();
+    if (!h) return "Host is required";
+    if (/^[a-z]+:\/\//i.test(h) && !/^https?:\/\//i.test(h)) return "Only http:// and https:// peers";
+    const port = Number(f.port);
+    if (!Number.isInteger(port) || port < 1 || port > 65535) return "Port must be 1–65535";
+    if (!(Number(f.weight) > 0)) return "Weight must be greater than 0";
+    if (!Number.isInteger(Number(f.max_queue)) || Number(f.max_queue) < 1) return "Max queue must be at least 1";
+    if (state.snapshot?.backends?.some((b) => b.name === f.name.trim() && !b.removed)) return `A peer named “${f.name.trim()}” exists`;
+    return null;
+  }
+
+  function peerHtml(b) {
+    const reason = b.status === "healthy" || b.status === "disabled" ? "" : b.health?.last_error || "";
+    const prog = b.progress && b.progress.max ? Math.round((100 * b.progress.value) / b.progress.max) : null;
+    const devices = (b.devices || []).map((d) => esc(d.name) + (d.vram_total ? ` · ${gb(d.vram_free)} free of ${gb(d.vram_total)}` : "")).join("<br>");
+    const busy = (k) => (state.pending.has(k) ? "disabled" : "");
+    return `<div class="cl-peer cl-${esc(b.status)}" data-peer="${esc(b.name)}">
+      <div class="cl-peer-head">
+        <span class="cl-dot" title="${esc(b.status)}"></span>
+        <span class="cl-name" title="${esc(b.name)}">${esc(b.name)}</span>
+        <button data-act="toggle" data-name="${esc(b.name)}" data-enabled="${b.enabled}" ${busy(`toggle:${b.name}`)}
+          title="${b.enabled ? "Stop sending new work" : "Send work again"}" aria-label="${b.enabled ? "Disable" : "Enable"} ${esc(b.name)}">
+          <i class="pi ${b.enabled ? "pi-pause" : "pi-play"}"></i>${b.enabled ? "Disable" : "Enable"}</button>
+        <button class="cl-danger" data-act="remove" data-name="${esc(b.name)}" ${busy(`remove:${b.name}`)}
+          title="Remove this peer" aria-label="Remove ${esc(b.name)}"><i class="pi pi-trash"></i></button>
+      </div>
+      <div class="cl-dim cl-mono cl-url" title="${esc(b.url)}">${esc(b.url)}</div>
+      <div class="cl-dim"><span class="cl-status">${esc(b.status)}</span> · ${b.in_flight}/${b.max_queue} in flight ·
+        ${b.jobs_done} done · mean ${secs(b.mean_job_time)} · weight ${esc(b.weight)}${b.tags?.length ? " · " + b.tags.map(esc).join(", ") : ""}</div>
+      ${reason ? `<div class="cl-reason">${esc(reason)}</div>` : ""}
+      ${b.running ? `<div class="cl-dim cl-mono" title="running prompt">▶ ${esc(b.running.slice(0, 8))}${prog != null ? ` · ${prog}%` : ""}</div>
+        <div class="cl-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${prog ?? 0}"><div style="width:${prog ?? 0}%"></div></div>` : ""}
+      ${devices ? `<div class="cl-dim">${devices}</div>` : ""}
+    </div>`;
+  }
+
+  function bodyHtml() {
+    const s = state.snapshot;
+    if (state.error && !s) return `<div class="cl-banner">${esc(state.error)}</div>`;
+    if (!s) return `<div class="cl-empty">Loading…</div>`;
+    const t = s.stats.totals;
+    const totals = [["queued", t.queued], ["running", t.running], ["done", t.completed], ["failed", t.failed],
+      ["cancelled", t.cancelled], ["retried", t.retried]]
+      .map(([k, v]) => `<div class="cl-total"><b>${v}</b><span>${k}</span></div>`).join("");
+    const strategies = s.scheduler.strategies.map((n) => `<option value="${esc(n)}" ${n === s.scheduler.strategy ? "selected" : ""}>${esc(n.replace("_", " "))}</option>`).join("");
+    const peers = s.backends.length ? s.backends.map(peerHtml).join("") : `<div class="cl-empty">No peers yet: add one below.</div>`;
+    const queue = s.queue.length ? s.queue.map((q) => `<div class="cl-row" data-task="${esc(q.task_id)}">
+        <span class="cl-mono cl-grow" title="${esc(q.task_id)}">${esc(q.task_id.slice(0, 8))}</span>
+        <span class="cl-dim">${esc(q.state)}${q.peer ? " · " + esc(q.peer) : ""}</span>
+        <button class="cl-danger" data-act="cancel" data-id="${esc(q.task_id)}" ${state.pending.has(`cancel:${q.task_id}`) ? "disabled" : ""}
+          aria-label="Cancel ${esc(q.task_id)}" title="Cancel"><i class="pi pi-times"></i></button></div>`).join("")
+      : `<div class="cl-empty">Nothing queued.</div>`;
+    return `${state.error ? `<div class="cl-banner">${esc(state.error)}</div>` : ""}
+      <div class="cl-totals">${totals}</div>
+      <h3><i class="pi pi-sitemap"></i><span class="cl-grow">Peers</span>
+        <button data-act="check" ${state.pending.has("check") ? "disabled" : ""} title="Check every peer now"><i class="pi pi-refresh"></i>Check now</button></h3>
+      <label class="cl-dim" style="display:block;margin-bottom:6px">Strategy
+        <select data-act="strategy" aria-label="Load-balancing strategy">${strategies}</select></label>
+      <div class="cl-peers">${peers}</div>
+      <h3><i class="pi pi-list"></i>Queue</h3><div class="cl-queue">${queue}</div>`;
+  }
+
+  function formHtml() {
+    const f = state.form;
+    const field = (key, label, attrs = "") => `<label>${label}<input name="${key}" value="${esc(f[key])}" ${attrs}></label>`;
+    return `<h3><i class="pi pi-plus"></i>Add a peer</h3>
+      <form novalidate>
+        ${field("name", "Name", 'placeholder="gpu-3" autocomplete="off" required')}
+        ${field("host", "Host", 'placeholder="192.168.1.23" autocomplete="off" required')}
+        ${field("port", "Port", 'inputmode="numeric"')}
+        ${field("max_queue", "Max queue", 'inputmode="numeric"')}
+        ${field("weight", "Weight", 'inputmode="decimal"')}
+        <label class="cl-wide"><button type="submit" ${state.pending.has("add") ? "disabled" : ""}><i class="pi pi-plus"></i>Add peer</button></label>
+        <div class="cl-error" role="alert">${esc(state.formError || "")}</div>
+      </form>`;
+  }
+
+  function draw() {
+    for (const root of state.roots) {
+      const body = root.querySelector(".cl-body");
+      const focused = root.contains(document.activeElement) && body.contains(document.activeElement) ? focusKey(document.activeElement) : null;
+      body.innerHTML = bodyHtml();
+      if (focused) body.querySelector(focused)?.focus();
+      const err = root.querySelector(".cl-error");
+      if (err) err.textContent = state.formError || "";
+      const submit = root.querySelector("form button[type=submit]");
+      if (submit) submit.disabled = state.pending.has("add");
+    }
+  }
+
+  function syncForm() {
+    for (const root of state.roots) {
+      for (const [k, v] of Object.entries(state.form)) {
+        const input = root.querySelector(`form input[name="${k}"]`);
+        if (input && input.value !== v) input.value = v;
+      }
+    }
+  }
+
+  function focusKey(el) {
+    const act = el.dataset?.act;
+    if (!act) return null;
+    const extra = el.dataset.name ? `[data-name="${CSS.escape(el.dataset.name)}"]` : el.dataset.id ? `[data-id="${CSS.escape(el.dataset.id)}"]` : "";
+    return `[data-act="${act}"]${extra}`;
+  }
+
+  function render(el) {
+    if (!document.getElementById(STYLE_ID)) {
+      const style = document.createElement("style");
+      style.id = STYLE_ID;
+      style.textContent = STYLES;
+      document.head.appendChild(style);
+    }
+    el.innerHTML = `<div class="comfylb"><div class="cl-body"></div><div class="cl-form">${formHtml()}</div></div>`;
+    const root = el.firstElementChild;
+    state.roots.add(root);
+    root.addEventListener("click", (ev) => {
+      const b = ev.target.closest("button[data-act]");
+      if (!b || b.disabled) return;
+      const {act, name, id, enabled} = b.dataset;
+      if (act === "toggle") actions.toggle(name, enabled === "true").catch(() => {});
+      else if (act === "remove") actions.remove(name).catch(() => {});
+      else if (act === "check") actions.check().catch(() => {});
+      else if (act === "cancel") actions.cancel(id).catch(() => {});
+    });
+    root.addEventListener("change", (ev) => {
+      if (ev.target.matches('select[data-act="strategy"]')) actions.strategy(ev.target.value).catch(() => {});
+    });
+    root.addEventListener("input", (ev) => {
+      if (ev.target.form && ev.target.name in state.form) state.form[ev.target.name] = ev.target.value;
+    });
+    root.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      actions.add();
+    });
+    draw();
+    refresh();
+  }
+
+  function destroy(el) {
+    for (const root of [...state.roots]) if (!root.isConnected || el?.contains(root)) state.roots.delete(root);
+  }
+
+  return {render, destroy, refresh, state, actions};
+}

@@ -80,8 +80,11 @@ class LocalConfig:
 
 @dataclass
 class StorageConfig:
-    # Where the coordinator keeps uploaded inputs (and, later, its state).
+    # Where the coordinator keeps uploaded inputs and its state.
     dir: str = "comfylb-data"
+    # SQLite file for the queue, tasks, history and runtime peers (relative to dir);
+    # ":memory:" keeps nothing across restarts.
+    database: str = "comfylb.db"
 
 
 @dataclass

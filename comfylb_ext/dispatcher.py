@@ -20,10 +20,12 @@ import aiohttp
 from . import routing, validation
 from .config import STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
+from .health import UNHEALTHY
 from .history import History
 from .peer import Peer, PeerError
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview
 from .scheduler import SchedulerState, pick
+from .store import Store
 from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, Task,
                     TaskQueue)
 from .uploads import InputStore
@@ -45,8 +47,9 @@ def _now_ms() -> int:
 
 
 class Cluster:
-    def __init__(self, cfg: Config, hub: Hub, store: InputStore) -> None:
+    def __init__(self, cfg: Config, hub: Hub, store: InputStore, db: Store | None = None) -> None:
         self.cfg = cfg
+        self.db = db or Store(None)
         self.relay = Relay(hub)
         self.store = store
         self.peers: dict[str, Peer] = {}
@@ -57,7 +60,9 @@ class Cluster:
         self.numbering = Numbering()
         self.sched = SchedulerState(cfg.scheduler.strategy, cfg.scheduler.prefer_idle)
         self.files: dict[tuple[str, str, str], str] = {}   # (type, subfolder, filename) → peer
-        self.client_id = "comfylb-" + uuid.uuid4().hex
+        # Stable across restarts: prompts already on a peer keep sending their events to us.
+        self.client_id = self.db.get("client_id") or "comfylb-" + uuid.uuid4().hex
+        self.db.put("client_id", self.client_id)
         self.counts: Counter[str] = Counter()
         self.started_at = time.time()
         self._picks = itertools.count()
@@ -75,11 +80,43 @@ class Cluster:
             auto_decompress=False)
         for b in self.cfg.backends:
             self.add_peer(b)
+        for b in self.db.load_peers():
+            if b.name not in self.peers:
+                self.add_peer(b)
+        self._restore()
         self.health.start()
         log.info("coordinator up with %d peer(s), strategy %s", len(self.peers), self.sched.strategy)
 
+    def _restore(self) -> None:
+        """Pick up where the last run stopped: history, counters, files, and every task
+        not yet finished (queued ones wait again; those on a peer are reconciled with it
+        as soon as it links)."""
+        for pid, position, entry in self.db.load_history():
+            self.history.restore(pid, position, entry)
+        self.files.update(self.db.load_files())
+        self.numbering.next = self.db.get("number", 0)
+        requeued = held = 0
+        for task in self.db.load_tasks(finished=RECORD_SIZE):
+            self._remember(task)
+            if task.state in TERMINAL:
+                continue
+            self.tasks[task.prompt_id] = task
+            peer = self.peers.get(task.peer) if task.state in (DISPATCHED, RUNNING) else None
+            if peer is not None:
+                peer.assign(task)
+                held += 1
+            else:
+                task.peer = None
+                self.queue.push(task, keep_seq=True)
+                requeued += 1
+        self.queue.resume_after(max((t.seq for t in self.tasks.values()), default=-1))
+        if requeued or held:
+            log.info("restored %d queued prompt(s) and %d on peers (to reconcile)", requeued, held)
+        self.pump()
+
     async def stop(self) -> None:
         await self.health.stop()
+        self.db.close()
         await asyncio.gather(*(p.stop() for p in self.peers.values()), return_exceptions=True)
         for t in list(self._bg):
             t.cancel()
@@ -144,8 +181,11 @@ class Cluster:
             del self.record[old_id]
 
     # -- peers at runtime --------------------------------------------------------------
-    def add_peer(self, b: BackendConfig) -> Peer:
+    def add_peer(self, b: BackendConfig, persist: bool = False) -> Peer:
+        """persist: added at runtime (POST /lb/backends), so it is still there after a restart."""
         assert self.session is not None
+        if persist:
+            self.db.save_peer(b)
         peer = Peer(b, self.session, self.client_id, self, self.cfg.health_check.timeout * 10)
         self.peers[b.name] = peer
         peer.start()
@@ -158,6 +198,7 @@ class Cluster:
         """No new work; prompts already there finish and are still relayed."""
         peer = self.peers[name]
         peer.removed = True
+        self.db.delete_peer(name)
         log.info("peer %s removed%s", name, f"; {len(peer.tasks)} prompt(s) finish there first" if peer.tasks else "")
         self._catalog = None
         self.changed()
@@ -200,6 +241,10 @@ class Cluster:
                 log.info("peer %s: healthy after %d good check(s)", peer.name, peer.health.successes)
             else:
                 log.warning("peer %s: unhealthy after %d failed check(s): %s", peer.name, peer.health.failures, error)
+                if peer.tasks:
+                    self.spawn(self._recover_after(peer))
+            if ok and peer.abandoned:
+                self.spawn(self._drop_abandoned(peer))
             self.changed()
             self.pump()
 
@@ -264,6 +309,8 @@ class Cluster:
         self.tasks[prompt_id] = task
         self._remember(task)
         self.queue.push(task)
+        self.db.add_task(task)
+        self.db.put("number", self.numbering.next)
         self.counts["submitted"] += 1
         self.changed()
         self.pump()
@@ -322,7 +369,9 @@ class Cluster:
             task.state, task.peer = DISPATCHED, peer.name
             task.attempts += 1
             task.dispatched_at = time.time()
+            task.attempt_log.append({"peer": peer.name, "at": task.dispatched_at, "outcome": None})
             peer.assign(task)
+            self.db.update_task(task)
             self.changed()
             self.spawn(self._send(task, peer))
 
@@ -356,6 +405,8 @@ class Cluster:
 
     def _requeue(self, task: Task) -> None:
         task.peer = None
+        task.state = QUEUED
+        self.db.update_task(task)
         self.counts["retried"] += 1
         self.queue.push(task, keep_seq=True)
         self.pump()
@@ -364,11 +415,13 @@ class Cluster:
         """End a task that no peer ran: execution_error to its client and into history."""
         task.state, task.finished_at = FAILED, time.time()
         task.error = error.get("exception_message")
+        _outcome(task, "failed: " + str(task.error))
         entry = {"prompt": task.queue_item(), "outputs": {},
                  "status": {"status_str": "error", "completed": False, "messages": [["execution_error", error]]},
-                 "meta": {}}
-        self.history.add(task.prompt_id, entry)
+                 "meta": {}, "comfylb": {"attempts": task.attempt_log}}
+        self._add_history(task.prompt_id, entry)
         self.tasks.pop(task.prompt_id, None)
+        self.db.update_task(task)
         self.counts["failed"] += 1
         self.changed()
         await self.relay.json(task.client_id, "execution_error", error)
@@ -378,6 +431,8 @@ class Cluster:
     # -- peer events ---------------------------------------------------------------
     async def on_link_up(self, peer: Peer) -> None:
         self.changed()
+        if peer.abandoned:
+            self.spawn(self._drop_abandoned(peer))
         self.spawn(self._refresh_object_info(peer))
         if peer.tasks:
             self.spawn(self._reconcile(peer))
@@ -389,13 +444,33 @@ class Cluster:
         self.spawn(self.broadcast_status())
 
     async def _recover_after(self, peer: Peer) -> None:
-        """A peer that stays unreachable for retry_interval loses its prompts to others."""
+        """A peer that stays unreachable (link down) or stalled (failing its health checks)
+        for retry_interval loses its prompts to other peers."""
         await asyncio.sleep(self.cfg.queue.retry_interval)
-        if peer.linked:
+        if peer.linked and peer.health.state != UNHEALTHY:
             return  # it came back: on_link_up reconciles
+        reason = peer.link_error if not peer.linked else f"unhealthy: {peer.health.last_error}"
         for task in list(peer.tasks.values()):
             peer.forget(task.prompt_id)
-            await self._retry_or_fail(task, f"peer {peer.name} was lost ({peer.link_error})")
+            peer.abandoned.add(task.prompt_id)
+            await self._retry_or_fail(task, f"peer {peer.name} was lost ({reason})")
+
+    async def _drop_abandoned(self, peer: Peer) -> None:
+        """A peer back from the dead may still hold prompts that went elsewhere: take them
+        out of its queue (their results would be dropped anyway)."""
+        ids, peer.abandoned = list(peer.abandoned), set()
+        if not ids:
+            return
+        try:
+            await peer.post_json("/queue", {"delete": ids})
+            q = await peer.get_json("/queue")
+            for item in q.get("queue_running", []):
+                if isinstance(item, list) and len(item) > 1 and item[1] in ids:
+                    await peer.post_json("/interrupt", {"prompt_id": item[1]})
+            log.info("peer %s: dropped %d prompt(s) that ran elsewhere meanwhile", peer.name, len(ids))
+        except PeerError as e:
+            peer.abandoned.update(ids)
+            log.warning("peer %s: could not drop stale prompts: %s", peer.name, e)
 
     async def _retry_or_fail(self, task: Task, reason: str) -> None:
         if task.attempts > self.cfg.queue.max_retries:
@@ -408,6 +483,7 @@ class Cluster:
                 "current_outputs": [], "timestamp": _now_ms()})
             return
         log.warning("%s: %s; dispatching it again (attempt %d)", task.prompt_id, reason, task.attempts + 1)
+        _outcome(task, "lost: " + reason)
         task.messages.clear()
         self._requeue(task)
 
@@ -455,6 +531,7 @@ class Cluster:
         if event == "execution_start":
             task.state, task.started_at = RUNNING, time.time()
             peer.running = pid
+            self.db.update_task(task)
             peer.progress = None
             self.changed()
             self.spawn(self.broadcast_status())
@@ -496,13 +573,35 @@ class Cluster:
             await self.relay.binary(task.client_id, event, payload)
 
     def _record_outputs(self, peer: Peer, outputs: dict) -> None:
+        rows = []
         for items in outputs.values():
             if not isinstance(items, list):
                 continue
             for item in items:
                 if isinstance(item, dict) and isinstance(item.get("filename"), str):
                     key = (item.get("type") or "output", item.get("subfolder") or "", item["filename"])
-                    self.files[key] = peer.name
+                    if self.files.get(key) != peer.name:
+                        self.files[key] = peer.name
+                        rows.append((*key, peer.name))
+        if rows:
+            self.db.set_files(rows)
+
+    # -- history -----------------------------------------------------------------------
+    def _add_history(self, prompt_id: str, entry: dict) -> None:
+        entry = self.history.add(prompt_id, entry)
+        self.db.add_history(prompt_id, entry["prompt"][0], entry)
+        if len(self.history) % 1000 == 0:
+            self.db.prune_history(self.history.max_size)
+            self.db.prune_tasks(RECORD_SIZE)
+
+    def delete_history(self, prompt_ids: list[str]) -> None:
+        for pid in prompt_ids:
+            self.history.delete(pid)
+        self.db.delete_history(prompt_ids)
+
+    def clear_history(self) -> None:
+        self.history.clear()
+        self.db.clear_history()
 
     async def _finish(self, task: Task, peer: Peer) -> None:
         """The peer is done with the prompt: record history, then tell the client."""
@@ -525,12 +624,15 @@ class Cluster:
             entry["status"] = {"status_str": "success" if ok else "error", "completed": ok,
                                "messages": copy.deepcopy(task.messages)}
         self._record_outputs(peer, entry.get("outputs") or {})
-        self.history.add(task.prompt_id, entry)
         ok = entry["status"].get("status_str") == "success"
         interrupted = any(m[0] == "execution_interrupted" for m in entry["status"].get("messages") or [])
         task.state = DONE if ok else CANCELLED if interrupted else FAILED
         task.finished_at = time.time()
+        _outcome(task, task.state)
+        entry["comfylb"] = {"attempts": task.attempt_log}
+        self._add_history(task.prompt_id, entry)
         self.tasks.pop(task.prompt_id, None)
+        self.db.update_task(task)
         self.counts["completed" if ok else "cancelled" if interrupted else "failed"] += 1
         self.changed()
         await self._retire_if_idle(peer)
@@ -590,7 +692,9 @@ class Cluster:
 
     def _cancelled(self, task: Task) -> None:
         task.state, task.finished_at = CANCELLED, time.time()
+        _outcome(task, CANCELLED)
         self.tasks.pop(task.prompt_id, None)
+        self.db.update_task(task)
         self.counts["cancelled"] += 1
         self.changed()
 
@@ -660,6 +764,11 @@ def _rejection_message(task: Task, peer: str, status: int, body: Any) -> dict:
             "exception_message": f"Peer {peer} refused the prompt (HTTP {status}): " + "\n".join(lines),
             "exception_type": "comfylb.PeerRejected", "traceback": [], "current_inputs": {},
             "current_outputs": [], "timestamp": _now_ms()}
+
+
+def _outcome(task: Task, outcome: str) -> None:
+    if task.attempt_log and task.attempt_log[-1]["outcome"] is None:
+        task.attempt_log[-1]["outcome"] = outcome
 
 
 def _log_crash(t: asyncio.Task) -> None:

@@ -38,6 +38,11 @@ class History:
             self._entries.popitem(last=False)
         return entry
 
+    def restore(self, prompt_id: str, position: int, entry: dict) -> None:
+        """Put back an entry saved earlier, keeping its number."""
+        self._entries[prompt_id] = entry
+        self.counter = max(self.counter, position + 1)
+
     def get(self, prompt_id: str) -> dict | None:
         entry = self._entries.get(prompt_id)
         return copy.deepcopy(entry) if entry is not None else None

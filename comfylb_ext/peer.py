@@ -66,6 +66,8 @@ class Peer:
         self.object_info: dict | None = None
         self.system_stats: dict | None = None
         self.delivered: dict[tuple[str, str, str], str] = {}
+        # Prompts taken back from this peer while it was away; dropped from its queue when it returns.
+        self.abandoned: set[str] = set()
         self._ws_task: asyncio.Task | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
 

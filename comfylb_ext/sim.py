@@ -96,6 +96,7 @@ class SimPeer:
         self.cache: dict[str, Any] = {}
         self.loaded_model: str | None = None
         self.model_loads = 0
+        self.executed: list[str] = []  # prompt ids in the order they started
         self.interrupted = False
         self.wake = asyncio.Event()
         self.worker: asyncio.Task | None = None
@@ -176,6 +177,7 @@ class SimPeer:
                 await self.send(event, data, sid)
 
         self.interrupted = False
+        self.executed.append(pid)
         order = self._order(prompt, outputs)
         keys: dict[str, str] = {}
         for nid in order:  # upstream first, so a node's key covers everything it depends on

@@ -38,6 +38,8 @@ class Task:
     # [event, data] pairs of execution_start/cached/terminal, for a history entry we must
     # write ourselves when the peer's own is unavailable.
     messages: list = field(default_factory=list)
+    # One entry per dispatch: {"peer", "at", "outcome"}; shown in history under "comfylb".
+    attempt_log: list = field(default_factory=list)
 
     def public_extra_data(self) -> dict:
         extra = {k: v for k, v in self.extra_data.items() if k not in SENSITIVE_KEYS}
@@ -73,6 +75,10 @@ class TaskQueue:
 
     def get(self, prompt_id: str) -> Task | None:
         return self._tasks.get(prompt_id)
+
+    def resume_after(self, seq: int) -> None:
+        """New tasks sort after `seq` (tasks restored from an earlier run)."""
+        self._seq = itertools.count(seq + 1)
 
     def push(self, task: Task, *, keep_seq: bool = False) -> None:
         if not keep_seq:

@@ -151,9 +151,9 @@ class ComfyApi:
             return parsed
         clear, ids = parsed
         if clear:
-            self.cluster.history.clear()
-        for pid in ids:
-            self.cluster.history.delete(pid)
+            self.cluster.clear_history()
+        if ids:
+            self.cluster.delete_history(ids)
         return web.Response(status=200)
 
     # -- files -------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class LbApi:
             return error(409, f"a backend named {b.name!r} already exists")
         if existing is not None:
             return error(409, f"backend {b.name!r} is still finishing its prompts after removal; try again later")
-        peer = self.cluster.add_peer(b)
+        peer = self.cluster.add_peer(b, persist=True)
         return web.json_response(peer.describe(), status=201)
 
     async def remove_backend(self, request: web.Request) -> web.Response:

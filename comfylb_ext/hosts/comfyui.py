@@ -20,6 +20,7 @@ from ..api.comfy import ComfyApi
 from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, load
 from ..dispatcher import Cluster
+from ..store import database_path, open_store
 from ..uploads import InputStore
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def attach(server: Any, cfg: Config) -> Cluster:
     store = InputStore({"input": folder_paths.get_input_directory(),
                         "output": folder_paths.get_output_directory(),
                         "temp": folder_paths.get_temp_directory()})
-    cluster = Cluster(cfg, PromptServerHub(server), store)
+    cluster = Cluster(cfg, PromptServerHub(server), store, open_store(database_path(cfg)))
     api = ComfyApi(cluster, store, own_files=True, on_prompt=server.trigger_on_prompt)
 
     def cluster_only(handler) -> Intercept:

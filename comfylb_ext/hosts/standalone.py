@@ -13,6 +13,7 @@ from ..api.comfy import MAX_UPLOAD_SIZE, ComfyApi
 from ..api.lb import LbApi
 from ..config import Config
 from ..dispatcher import Cluster
+from ..store import database_path, open_store
 from ..uploads import InputStore
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def web_dir() -> Path:
 def build_app(cfg: Config) -> web.Application:
     hub = SocketHub()
     store = InputStore(Path(cfg.storage.dir) / "files")
-    cluster = Cluster(cfg, hub, store)
+    cluster = Cluster(cfg, hub, store, open_store(database_path(cfg)))
     api = ComfyApi(cluster, store, MAX_UPLOAD_SIZE)
     app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
     app[CLUSTER] = cluster

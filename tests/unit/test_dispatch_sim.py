@@ -79,3 +79,48 @@ async def test_delete_reaches_prompts_waiting_on_a_peer():
             assert sims[0].sim.queue == []
             await c.post("/interrupt", {"prompt_id": ids[0]})
             await wait_for(lambda: not cluster.tasks)
+
+
+async def test_restart_keeps_queue_history_and_prompts_on_peers(tmp_path):
+    from aiohttp import web
+
+    from comfylb_ext.config import BackendConfig, parse
+    from comfylb_ext.hosts.standalone import CLUSTER, build_app
+    from comfylb_ext.sim import start_sim
+
+    sim = await start_sim(name="sim0")
+
+    async def coordinator():
+        cfg = parse({"storage": {"dir": str(tmp_path)}, "health_check": {"interval": 0.5, "timeout": 1.0}})
+        cfg.backends = [BackendConfig(name="sim0", port=sim.port, max_queue=1)]
+        app = build_app(cfg)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, app[CLUSTER], f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    try:
+        runner, cluster, url = await coordinator()
+        await wait_for(lambda: all(p.available for p in cluster.peers.values()))
+        async with Client(url) as c:
+            done_before = await c.run(sleep_prompt(0.05))
+            ids = [(await c.queue(sleep_prompt(0.5)))[1]["prompt_id"] for _ in range(3)]
+            await wait_for(lambda: sim.sim.running is not None)
+            client_id = c.client_id
+        await runner.cleanup()  # the coordinator stops with one prompt on the peer and two queued
+
+        runner, cluster, url = await coordinator()
+        assert set(ids) <= set(cluster.tasks)
+        async with Client(url, client_id=client_id) as c:
+            for pid in ids:
+                c._track(pid)
+            await asyncio.wait_for(asyncio.gather(*(c.runs[pid].done.wait() for pid in ids)), 20)
+            _, hist = await c.get("/history")
+            assert set(ids) | {done_before.prompt_id} <= set(hist)
+            assert all(hist[pid]["status"]["status_str"] == "success" for pid in ids)
+            assert sorted(p for p in sim.sim.executed if p in ids) == sorted(ids)  # each ran once
+            assert hist[ids[0]]["comfylb"]["attempts"][0]["peer"] == "sim0"
+        await runner.cleanup()
+    finally:
+        await sim.stop()

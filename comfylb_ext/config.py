@@ -63,6 +63,8 @@ class BackendConfig:
     scheme: str = "http"
     tags: list = field(default_factory=list)      # what a routing node may ask for, e.g. [gpu24]
     headers: dict = field(default_factory=dict)   # sent with every request to the peer
+    token: str = ""        # peer behind an auth proxy: sent as "Authorization: Bearer <token>"
+    basic_auth: str = ""   # or "user:password" for HTTP basic auth
 
     @property
     def url(self) -> str:
@@ -92,6 +94,10 @@ class AuthConfig:
     # Bearer token required on /lb/* ("" = none; the COMFYLB_TOKEN environment variable
     # is used when this is empty).
     token: str = ""
+    # Standalone only: a token for ComfyUI's client API and /ws too, for a balancer exposed
+    # beyond localhost (header "Authorization: Bearer <t>" or "?token=<t>").  "" = open;
+    # COMFYLB_API_TOKEN is used when this is empty.
+    api_token: str = ""
 
 
 @dataclass
@@ -185,7 +191,23 @@ def parse_backend(raw: Any, path: str = "backend") -> BackendConfig:
         raise ConfigError(f"{path}.weight", f"must be greater than 0, got {b.weight}")
     if b.max_queue < 1:
         raise ConfigError(f"{path}.max_queue", f"must be at least 1, got {b.max_queue}")
+    if b.token and b.basic_auth:
+        raise ConfigError(f"{path}.token", "use either token or basic_auth, not both")
+    if b.basic_auth and ":" not in b.basic_auth:
+        raise ConfigError(f"{path}.basic_auth", "expected user:password")
     return b
+
+
+def peer_headers(b: BackendConfig) -> dict[str, str]:
+    """Every header a request to the peer carries, credentials included."""
+    headers = dict(b.headers)
+    if b.token:
+        headers["Authorization"] = f"Bearer {b.token}"
+    elif b.basic_auth:
+        import base64
+
+        headers["Authorization"] = "Basic " + base64.b64encode(b.basic_auth.encode()).decode()
+    return headers
 
 
 def parse(raw: Any, source: str | None = None) -> Config:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from .config import BackendConfig
+from .config import BackendConfig, peer_headers
 from .health import HealthState
 from .scheduler import PeerView
 from .tasks import Task
@@ -43,6 +43,7 @@ class Peer:
     def __init__(self, cfg: BackendConfig, session: aiohttp.ClientSession, client_id: str,
                  listener: PeerListener, request_timeout: float = 30.0) -> None:
         self.cfg = cfg
+        self.headers = peer_headers(cfg)
         self.session = session
         self.client_id = client_id
         self.listener = listener
@@ -125,7 +126,7 @@ class Peer:
         ws_url = self.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
         while True:
             try:
-                async with self.session.ws_connect(ws_url, heartbeat=10.0, max_msg_size=0, headers=self.cfg.headers,
+                async with self.session.ws_connect(ws_url, heartbeat=10.0, max_msg_size=0, headers=self.headers,
                                                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
                     self._ws = ws
                     await ws.send_json(FEATURE_FLAGS)
@@ -172,7 +173,7 @@ class Peer:
         """One HTTP call; returns (status, parsed JSON or text).  PeerError when unreachable."""
         t = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
         try:
-            async with self.session.request(method, self.url + path, timeout=t, headers=self.cfg.headers, **kw) as r:
+            async with self.session.request(method, self.url + path, timeout=t, headers=self.headers, **kw) as r:
                 body = await r.read()
                 if "json" in (r.content_type or ""):
                     try:
@@ -210,7 +211,7 @@ class Peer:
     async def open_stream(self, method: str, path: str, **kw) -> aiohttp.ClientResponse:
         """A response to stream through (caller releases it)."""
         try:
-            return await self.session.request(method, self.url + path, headers=self.cfg.headers,
+            return await self.session.request(method, self.url + path, headers=self.headers,
                                               timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout,
                                                                             sock_read=self.request_timeout), **kw)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:

@@ -80,8 +80,9 @@ def catalog(inputs: list[str], checkpoints: list[str]) -> dict:
 
 class SimPeer:
     def __init__(self, root: Path, name: str = "sim", slowdown: float = 1.0, model_load: float = 0.0,
-                 checkpoints: list[str] | None = None) -> None:
+                 checkpoints: list[str] | None = None, token: str = "") -> None:
         self.root, self.name = root, name
+        self.token = token  # like a peer behind an auth proxy: every request needs it
         self.slowdown, self.model_load = slowdown, model_load
         self.checkpoints = checkpoints or ["sim-a.safetensors", "sim-b.safetensors"]
         for t in TYPES:
@@ -425,7 +426,13 @@ class SimPeer:
                 return web.Response(status=404)
             return web.json_response(self.checkpoints)
 
-        app = web.Application(client_max_size=104857600)
+        @web.middleware
+        async def auth_proxy(request: web.Request, handler):
+            if request.headers.get("Authorization") != f"Bearer {self.token}":
+                return web.Response(status=401, text="401: token required")
+            return await handler(request)
+
+        app = web.Application(client_max_size=104857600, middlewares=[auth_proxy] if self.token else [])
         app.add_routes(r)
 
         async def start_worker(app: web.Application) -> None:

@@ -41,6 +41,13 @@ def split_annotation(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name longer than the file system allows
+        return False
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -64,7 +71,10 @@ class InputStore:
             raise UploadError(f"bad file name {filename!r}")
         if "\x00" in subfolder or os.path.isabs(subfolder):
             raise UploadError(f"bad subfolder {subfolder!r}")
-        path = (base / os.path.normpath(subfolder or ".") / filename).resolve()
+        try:
+            path = (base / os.path.normpath(subfolder or ".") / filename).resolve()
+        except (OSError, ValueError) as e:
+            raise UploadError(f"bad path: {e}") from None
         if os.path.commonpath((str(base), str(path))) != str(base):
             raise UploadError("path escapes the upload directory")
         return path
@@ -88,15 +98,18 @@ class InputStore:
         if not overwrite:
             stem, ext = os.path.splitext(filename)
             i = 1
-            while path.exists():
+            while _exists(path):
                 if self._digest(path) == digest:
                     return StoredFile(typ, subfolder, path.name, digest)
                 path = path.with_name(f"{stem} ({i}){ext}")
                 i += 1
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:  # a name too long for the file system, a full disk, …
+            raise UploadError(f"cannot store {filename!r}: {e.strerror or e}") from None
         return StoredFile(typ, subfolder, path.name, digest)
 
     def lookup(self, typ: str, subfolder: str, filename: str) -> StoredFile | None:
@@ -104,7 +117,10 @@ class InputStore:
             path = self.resolve(typ, subfolder, filename)
         except UploadError:
             return None
-        if not path.is_file():
+        try:
+            if not path.is_file():
+                return None
+        except OSError:
             return None
         digest = self._digest(path)
         return StoredFile(typ, subfolder, filename, digest) if digest else None

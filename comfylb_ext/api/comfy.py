@@ -352,7 +352,7 @@ async def _peer_mask(peer: Peer, data: bytes, filename: str, original_ref: Any) 
     params = {"filename": body["name"], "subfolder": body.get("subfolder", ""), "type": body.get("type", "temp")}
     t = aiohttp.ClientTimeout(total=peer.request_timeout)
     try:
-        async with peer.session.get(peer.url + "/view", params=params, timeout=t, headers=peer.cfg.headers) as r:
+        async with peer.session.get(peer.url + "/view", params=params, timeout=t, headers=peer.headers) as r:
             if r.status != 200:
                 raise PeerError(f"composited mask missing on {peer.name}: HTTP {r.status}")
             return await r.read()

@@ -1,8 +1,10 @@
 """The standalone host: ComfyLB's own aiohttp server in front of the peers."""
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from ..api.comfy import MAX_UPLOAD_SIZE, ComfyApi
 from ..api.lb import LbApi
 from ..config import Config
 from ..dispatcher import Cluster
+from ..validation import _err, error_body
 from ..store import database_path, open_store
 from ..uploads import InputStore
 
@@ -85,7 +88,23 @@ def build_app(cfg: Config) -> web.Application:
     store = InputStore(Path(cfg.storage.dir) / "files")
     cluster = Cluster(cfg, hub, store, open_store(database_path(cfg)))
     api = ComfyApi(cluster, store, MAX_UPLOAD_SIZE)
-    app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
+    api_token = cfg.auth.api_token or os.environ.get("COMFYLB_API_TOKEN", "")
+
+    @web.middleware
+    async def require_api_token(request: web.Request, handler):
+        """ComfyUI's client API and /ws, when a token guards them (/lb/* has its own)."""
+        path = request.path
+        if path.startswith("/lb/") or path == "/" or path.startswith("/comfylb/"):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header[:7].lower() == "bearer " else request.rel_url.query.get("token", "")
+        if hmac.compare_digest(given.encode(), api_token.encode()):
+            return await handler(request)
+        return web.json_response(error_body(_err("unauthorized", "A token is needed for this ComfyLB",
+                                                 "send Authorization: Bearer <token> or ?token=<token>")),
+                                 status=401)
+
+    app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[require_api_token] if api_token else [])
     app[CLUSTER] = cluster
 
     async def websocket(request: web.Request) -> web.WebSocketResponse:

@@ -38,6 +38,7 @@ class Client:
         self.feature_reply: dict | None = None
         self.other: list[tuple[str, Any]] = []
         self._other_seen = asyncio.Condition()
+        self._any_message = asyncio.Condition()
         self._early: dict[str, list] = {}
         self._connected = asyncio.Event()
 
@@ -58,40 +59,56 @@ class Client:
         await self.session.close()
 
     async def _read(self) -> None:
-        last_pid: str | None = None
+        self._last_pid: str | None = None
         async for msg in self.ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                m = json.loads(msg.data)
-                t, d = m["type"], m["data"]
-                if t == "status":
-                    if "sid" in d:
-                        self.hello = d
-                        self._connected.set()
-                    self.status.append(d)
-                    continue
-                if t == "feature_flags":
-                    self.feature_reply = d
-                    continue
-                pid = d.get("prompt_id") if isinstance(d, dict) else None
-                if pid is None:
-                    self.other.append((t, d))
-                    async with self._other_seen:
-                        self._other_seen.notify_all()
-                    continue
-                last_pid = pid
-                run = self.runs.get(pid)
-                if run is None:
-                    self._early.setdefault(pid, []).append((t, d))
-                    continue
-                run.messages.append((t, d))
-                if t == "executing" and d.get("node") is None:
-                    run.done.set()
-            elif msg.type == aiohttp.WSMsgType.BINARY and last_pid:
-                run = self.runs.get(last_pid)
-                if run is None:
-                    self._early.setdefault(last_pid, []).append((None, msg.data))
-                else:
-                    run.binary.append(msg.data)
+            await self._handle(msg)
+            async with self._any_message:
+                self._any_message.notify_all()
+
+    async def _handle(self, msg) -> None:
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            pid = self._last_pid  # binary frames belong to the prompt that spoke last
+            if pid is None:
+                return
+            if pid in self.runs:
+                self.runs[pid].binary.append(msg.data)
+            else:
+                self._early.setdefault(pid, []).append((None, msg.data))
+            return
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return
+        m = json.loads(msg.data)
+        t, d = m["type"], m["data"]
+        if t == "status":
+            if "sid" in d:
+                self.hello = d
+                self._connected.set()
+            self.status.append(d)
+            return
+        if t == "feature_flags":
+            self.feature_reply = d
+            return
+        pid = d.get("prompt_id") if isinstance(d, dict) else None
+        if pid is None:
+            self.other.append((t, d))
+            async with self._other_seen:
+                self._other_seen.notify_all()
+            return
+        self._last_pid = pid
+        run = self.runs.get(pid)
+        if run is None:
+            self._early.setdefault(pid, []).append((t, d))
+            return
+        run.messages.append((t, d))
+        if t == "executing" and d.get("node") is None:
+            run.done.set()
+
+    async def until(self, cond, timeout: float = 60) -> None:
+        """Wait until `cond()` holds, re-checking whenever a websocket message arrives."""
+        async def wait():
+            async with self._any_message:
+                await self._any_message.wait_for(cond)
+        await asyncio.wait_for(wait(), timeout)
 
     async def wait_event(self, event: str, pred, timeout: float = 60) -> Any:
         """The first `event` message (not tied to a prompt) whose data satisfies `pred`,

@@ -110,7 +110,7 @@ async def test_cancel_a_queued_and_a_running_task(ops_lb):
             first = (await c.queue(sleep_prompt(5)))[2]
             second = (await c.queue(sleep_prompt(5)))[2]
             third = (await c.queue(sleep_prompt(5)))[2]   # peer1 holds two; this one waits
-            await asyncio.wait_for(_until(lambda: "execution_start" in first.types()), 30)
+            await c.until(lambda: "execution_start" in first.types(), 30)
             async with c.session.delete(f"{c.base}/lb/tasks/{third.prompt_id}") as r:
                 assert r.status == 202
             async with c.session.delete(f"{c.base}/lb/tasks/{second.prompt_id}") as r:
@@ -124,11 +124,6 @@ async def test_cancel_a_queued_and_a_running_task(ops_lb):
             assert {first.prompt_id, second.prompt_id, third.prompt_id} <= {t["task_id"] for t in tasks["tasks"]}
         finally:
             await c.post("/lb/backends/peer2/enable")
-
-
-async def _until(cond) -> None:
-    while not cond():
-        await asyncio.sleep(0.02)
 
 
 async def test_disabled_peer_gets_no_work_and_strategy_switch_changes_placement(ops_lb, peers):
@@ -146,7 +141,7 @@ async def test_disabled_peer_gets_no_work_and_strategy_switch_changes_placement(
             status, info = await c.post(f"/lb/scheduler/strategy/{strategy}")
             assert status == 200 and info["strategy"] == strategy
             long = (await c.queue(sleep_prompt(3)))[2]
-            await asyncio.wait_for(_until(lambda: "execution_start" in long.types()), 30)
+            await c.until(lambda: "execution_start" in long.types(), 30)
             hosts = []
             for _ in range(2):
                 run = await c.run(invert_prompt())

@@ -155,6 +155,9 @@ def _section(cls, raw: Any, path: str, **extra):
     for key, value in raw.items():
         if key not in fields:
             raise ConfigError(f"{path}.{key}", f"unknown setting (known: {', '.join(fields)})")
+        if value == "" and fields[key].default == "":
+            values[key] = ""  # optional strings ("" = not set)
+            continue
         values[key] = _check_type(f"{path}.{key}", value, hints[key])
     try:
         return cls(**values)

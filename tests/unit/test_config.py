@@ -84,3 +84,10 @@ def test_cli_prints_one_line_and_stops(tmp_path):
     r = subprocess.run([sys.executable, "-m", "comfylb_ext", "-c", str(write(tmp_path, GOOD)), "-p", "99999"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_example_config_is_valid():
+    from tests.procs import REPO
+
+    cfg = load(REPO / "config.example.yaml")
+    assert cfg.backends[0].name == "comfy-1" and cfg.storage.database == "comfylb.db" and cfg.auth.token == ""

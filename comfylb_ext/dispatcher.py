@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from . import routing, validation
+from . import capability, routing, validation
 from .config import STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
 from .health import UNHEALTHY
@@ -37,6 +37,7 @@ STATUS_EVENT = "comfylb.status"   # the custom websocket event that carries live
 PUSH_EVERY = 0.1                  # seconds: at most this many pushes of it per second
 SNAPSHOT_TASKS = 50               # queued/running tasks included in a push
 RECORD_SIZE = 10000               # finished tasks kept for /lb/tasks
+OBJECT_INFO_EVERY = 12            # health checks between refreshes of a peer's /object_info
 PUMP_SCAN = 1000                  # queued tasks looked at per dispatch for one a free peer may run
 # Events the coordinator keeps for a history entry it must write itself.
 _STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
@@ -100,6 +101,7 @@ class Cluster:
             self._remember(task)
             if task.state in TERMINAL:
                 continue
+            task.req = capability.requirements(task.prompt)
             self.tasks[task.prompt_id] = task
             peer = self.peers.get(task.peer) if task.state in (DISPATCHED, RUNNING) else None
             if peer is not None:
@@ -236,6 +238,9 @@ class Cluster:
                 peer.system_stats = stats
         except PeerError as e:
             ok, error = False, str(e)
+        peer.checks += 1
+        if ok and peer.linked and peer.checks % OBJECT_INFO_EVERY == 0:
+            self.spawn(self._refresh_object_info(peer))  # nodes or models may have been added
         if peer.health.record(ok, self.cfg.health_check, error):
             if ok:
                 log.info("peer %s: healthy after %d good check(s)", peer.name, peer.health.successes)
@@ -290,6 +295,13 @@ class Cluster:
         ok, error, outputs, node_errors = validation.validate(prompt, self.catalog(), partial)
         if not ok:
             return 400, validation.error_body(error, node_errors)
+        req = capability.requirements(prompt)
+        known = {p.name: p.caps for p in self.peers.values()
+                 if not p.removed and p.matches(targets) and p.caps is not None}
+        if len(known) == sum(1 for p in self.peers.values() if not p.removed and p.matches(targets)):
+            refusal = capability.unrunnable(req, known)
+            if refusal is not None:
+                return 400, validation.error_body(*refusal)
         if prompt_id in self.tasks:
             return 400, validation.error_body(validation._err(
                 "invalid_prompt", "A prompt with this prompt_id is already queued.", prompt_id))
@@ -306,6 +318,7 @@ class Cluster:
             extra["client_id"] = client_id
         task = Task(prompt_id, number, prompt, extra, outputs,
                     client_id=str(client_id) if client_id else None, partial_targets=partial, targets=targets)
+        task.req = req
         self.tasks[prompt_id] = task
         self._remember(task)
         self.queue.push(task)
@@ -357,7 +370,7 @@ class Cluster:
             for depth, task in enumerate(self.queue.ordered()):
                 if depth >= PUMP_SCAN:
                     return
-                views = [p.view() for p in self.peers.values() if p.matches(task.targets)]
+                views = [p.view() for p in self.peers.values() if p.matches(task.targets) and p.can_run(task.req)]
                 chosen = pick(views, self.sched)
                 if chosen is not None:
                     break
@@ -399,6 +412,7 @@ class Cluster:
         if peer.tasks.get(task.prompt_id) is not task:
             return
         log.info("peer %s rejected %s: HTTP %s", peer.name, task.prompt_id, status)
+        self.spawn(self._refresh_object_info(peer))  # what it has may have changed
         peer.forget(task.prompt_id)
         await self._fail(task, _rejection_message(task, peer.name, status, body))
         self.pump()
@@ -515,8 +529,11 @@ class Cluster:
 
     async def _refresh_object_info(self, peer: Peer) -> None:
         try:
-            peer.object_info = await peer.get_json("/object_info", timeout=60)
-            self._catalog = None
+            info = await peer.get_json("/object_info", timeout=60)
+            if info != peer.object_info:
+                peer.object_info, peer.caps = info, capability.Capabilities(info)
+                self._catalog = None
+                self.pump()
         except PeerError as e:
             log.warning("peer %s: no /object_info: %s", peer.name, e)
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from .capability import Capabilities, Requirements
 from .config import BackendConfig, peer_headers
 from .health import HealthState
 from .scheduler import PeerView
@@ -51,6 +52,7 @@ class Peer:
         self.enabled = cfg.enabled
         self.removed = False
         self.health = HealthState()
+        self.checks = 0
         self.linked = False
         self.link_error: str | None = None
         # Prompts that count against max_queue: sent, not yet terminal on the peer.
@@ -65,6 +67,7 @@ class Peer:
         self.job_time_total = 0.0
         self.progress: dict | None = None  # the running prompt's latest `progress` event
         self.object_info: dict | None = None
+        self.caps: Capabilities | None = None  # None until its /object_info is known: then anything goes
         self.system_stats: dict | None = None
         self.delivered: dict[tuple[str, str, str], str] = {}
         # Prompts taken back from this peer while it was away; dropped from its queue when it returns.
@@ -92,6 +95,9 @@ class Peer:
     def matches(self, targets: frozenset[str] | None) -> bool:
         """Whether a routing rule (peer names or tags) lets a prompt run here."""
         return targets is None or self.name in targets or not targets.isdisjoint(self.cfg.tags)
+
+    def can_run(self, req: Requirements | None) -> bool:
+        return req is None or self.caps is None or self.caps.can_run(req)
 
     def view(self) -> PeerView:
         return PeerView(self.name, len(self.inflight), self.cfg.max_queue, self.cfg.weight,

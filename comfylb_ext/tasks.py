@@ -26,6 +26,7 @@ class Task:
     client_id: str | None = None
     partial_targets: list[str] | None = None
     targets: frozenset[str] | None = None  # peer names/tags a routing rule allows (None: any)
+    req: Any = None  # capability.Requirements: node types and model files it needs
     seq: int = 0
     state: str = QUEUED
     peer: str | None = None

@@ -124,3 +124,23 @@ async def test_restart_keeps_queue_history_and_prompts_on_peers(tmp_path):
         await runner.cleanup()
     finally:
         await sim.stop()
+
+
+async def test_prompts_go_only_to_peers_that_have_their_model():
+    kw = [{"checkpoints": ["only-on-0.safetensors"]}, {"checkpoints": ["only-on-1.safetensors"]}]
+    async with lb_over_sims(2, max_queue=2, sim_kw=kw) as (url, sims, cluster):
+        await wait_for(lambda: all(p.caps is not None for p in cluster.peers.values()))
+        async with Client(url) as c:
+            for i in (0, 1):
+                prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"only-on-{i}.safetensors"}},
+                          "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i}},
+                          "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "m"}}}
+                runs = await asyncio.gather(*(c.run(prompt | {"2": {**prompt["2"], "inputs": {
+                    **prompt["2"]["inputs"], "color": 10 * j + i}}}) for j in range(3)))
+                assert all(r.prompt_id in sims[i].sim.history for r in runs)
+            status, body, _ = await c.queue({"1": {"class_type": "CheckpointLoaderSimple",
+                                                   "inputs": {"ckpt_name": "nowhere.safetensors"}},
+                                             "3": {"class_type": "SaveImage",
+                                                   "inputs": {"images": ["1", 0], "filename_prefix": "m"}}})
+            assert status == 400 and body["error"]["message"] == "No peer can run this prompt"
+            assert "nowhere.safetensors" in body["node_errors"]["1"]["errors"][0]["details"]

@@ -1,0 +1,100 @@
+"""What a prompt needs and what a peer has: node types and model files.  Pure.
+
+A peer's `/object_info` lists its node types and, for combo inputs, the values it
+accepts; model pickers (`ckpt_name`, `lora_name`, `vae_name`, … every input named
+`*_name`) list the files it has.  A prompt may only go to a peer that has every node type
+it uses and every model file it names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Model = tuple[str, str, str]  # (class_type, input name, value)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    classes: frozenset[str]
+    models: frozenset[Model]
+    nodes: tuple[tuple[str, str, tuple[Model, ...]], ...]  # (node id, class_type, its models): for errors
+
+    @property
+    def model_key(self) -> frozenset[str]:
+        """The model files it loads: what affinity tries to keep on one peer."""
+        return frozenset(v for _, _, v in self.models)
+
+
+def requirements(prompt: dict) -> Requirements:
+    classes, models, nodes = set(), set(), []
+    for nid, node in prompt.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            continue
+        cls = node["class_type"]
+        classes.add(cls)
+        mine = tuple((cls, name, value) for name, value in (node.get("inputs") or {}).items()
+                     if name.endswith("_name") and isinstance(value, str))
+        models.update(mine)
+        nodes.append((str(nid), cls, mine))
+    return Requirements(frozenset(classes), frozenset(models), tuple(nodes))
+
+
+def _combo(spec) -> frozenset[str] | None:
+    """The values of a combo input, in either of ComfyUI's spellings, else None."""
+    if not isinstance(spec, list) or not spec:
+        return None
+    if isinstance(spec[0], list):
+        return frozenset(str(v) for v in spec[0])
+    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict):
+        return frozenset(str(v) for v in spec[1].get("options") or [])
+    return None
+
+
+class Capabilities:
+    """A peer's node types and model lists, from its /object_info."""
+
+    def __init__(self, object_info: dict) -> None:
+        self.classes = frozenset(object_info)
+        self.combos: dict[tuple[str, str], frozenset[str]] = {}
+        for cls, info in object_info.items():
+            for section in ((info or {}).get("input") or {}).values():
+                if isinstance(section, dict):
+                    for name, spec in section.items():
+                        values = _combo(spec) if name.endswith("_name") else None
+                        if values is not None:
+                            self.combos[(cls, name)] = values
+
+    def lacks(self, req: Requirements) -> list[str]:
+        """What this peer is missing, as words for a person ([] = it can run the prompt)."""
+        out = [f"node {c}" for c in sorted(req.classes - self.classes)]
+        for cls, name, value in sorted(req.models):
+            values = self.combos.get((cls, name))
+            if cls in self.classes and values is not None and value not in values:
+                out.append(f"{name} {value!r}")
+        return out
+
+    def can_run(self, req: Requirements) -> bool:
+        if not req.classes <= self.classes:
+            return False
+        return all(v in self.combos[(c, n)] for c, n, v in req.models if (c, n) in self.combos)
+
+
+def unrunnable(req: Requirements, peers: dict[str, Capabilities]) -> tuple[dict, dict] | None:
+    """ComfyUI's (error, node_errors) when no peer can run the prompt, else None."""
+    if not peers or any(caps.can_run(req) for caps in peers.values()):
+        return None
+    node_errors: dict[str, dict] = {}
+    for nid, cls, models in req.nodes:
+        errors = []
+        for _, name, value in models:
+            have = [p for p, caps in peers.items()
+                    if (cls, name) not in caps.combos or value in caps.combos[(cls, name)]]
+            if not have:
+                errors.append({"type": "value_not_in_list", "message": "No peer has this model",
+                               "details": f"{name}: '{value}' is on none of {', '.join(sorted(peers))}",
+                               "extra_info": {"input_name": name, "received_value": value}})
+        if errors:
+            node_errors[nid] = {"errors": errors, "dependent_outputs": [], "class_type": cls}
+    lacking = "; ".join(f"{p} lacks {', '.join(caps.lacks(req))}" for p, caps in sorted(peers.items()))
+    error = {"type": "prompt_outputs_failed_validation", "message": "No peer can run this prompt",
+             "details": lacking, "extra_info": {}}
+    return error, node_errors

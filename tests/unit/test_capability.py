@@ -1,0 +1,39 @@
+from comfylb_ext.capability import Capabilities, requirements, unrunnable
+from comfylb_ext.sim import catalog
+
+A = Capabilities(catalog([], ["a.safetensors"]))
+B = Capabilities(catalog([], ["b.safetensors"]))
+
+
+def ckpt_prompt(name):
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
+
+
+def test_requirements_name_node_types_and_model_files():
+    req = requirements(ckpt_prompt("a.safetensors"))
+    assert req.classes == {"CheckpointLoaderSimple", "SaveImage"}
+    assert req.models == {("CheckpointLoaderSimple", "ckpt_name", "a.safetensors")}
+    assert req.model_key == {"a.safetensors"}
+
+
+def test_only_peers_with_the_model_can_run_it():
+    req = requirements(ckpt_prompt("a.safetensors"))
+    assert A.can_run(req) and not B.can_run(req)
+    assert B.lacks(req) == ["ckpt_name 'a.safetensors'"]
+    assert unrunnable(req, {"a": A, "b": B}) is None
+
+
+def test_a_model_nobody_has_is_refused_naming_the_node():
+    error, node_errors = unrunnable(requirements(ckpt_prompt("c.safetensors")), {"a": A, "b": B})
+    assert error["message"] == "No peer can run this prompt" and "a lacks ckpt_name 'c.safetensors'" in error["details"]
+    assert node_errors["1"]["errors"][0]["type"] == "value_not_in_list"
+    assert "c.safetensors" in node_errors["1"]["errors"][0]["details"]
+
+
+def test_unknown_node_types_and_the_new_combo_spelling():
+    req = requirements({"1": {"class_type": "Exotic", "inputs": {}}})
+    assert not A.can_run(req) and A.lacks(req) == ["node Exotic"]
+    caps = Capabilities({"L": {"input": {"required": {"lora_name": ["COMBO", {"options": ["x.pt"]}]}}}})
+    assert caps.can_run(requirements({"1": {"class_type": "L", "inputs": {"lora_name": "x.pt"}}}))
+    assert not caps.can_run(requirements({"1": {"class_type": "L", "inputs": {"lora_name": "y.pt"}}}))

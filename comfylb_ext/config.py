@@ -35,6 +35,7 @@ class ServerConfig:
 class SchedulerConfig:
     strategy: str = "least_busy"
     prefer_idle: bool = True
+    affinity: bool = True  # keep prompts on peers that already have their models loaded
 
 
 @dataclass

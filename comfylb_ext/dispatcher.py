@@ -38,7 +38,8 @@ PUSH_EVERY = 0.1                  # seconds: at most this many pushes of it per 
 SNAPSHOT_TASKS = 50               # queued/running tasks included in a push
 RECORD_SIZE = 10000               # finished tasks kept for /lb/tasks
 OBJECT_INFO_EVERY = 12            # health checks between refreshes of a peer's /object_info
-PUMP_SCAN = 1000                  # queued tasks looked at per dispatch for one a free peer may run
+PUMP_SCAN = 1000
+AFFINITY_LOOKAHEAD = 64           # queued tasks a warm peer looks through for one using its models                  # queued tasks looked at per dispatch for one a free peer may run
 # Events the coordinator keeps for a history entry it must write itself.
 _STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
 
@@ -59,7 +60,7 @@ class Cluster:
         self.record: OrderedDict[str, Task] = OrderedDict()  # recent tasks, finished ones too
         self.history = History()
         self.numbering = Numbering()
-        self.sched = SchedulerState(cfg.scheduler.strategy, cfg.scheduler.prefer_idle)
+        self.sched = SchedulerState(cfg.scheduler.strategy, cfg.scheduler.prefer_idle, cfg.scheduler.affinity)
         self.files: dict[tuple[str, str, str], str] = {}   # (type, subfolder, filename) → peer
         # Stable across restarts: prompts already on a peer keep sending their events to us.
         self.client_id = self.db.get("client_id") or "comfylb-" + uuid.uuid4().hex
@@ -367,17 +368,22 @@ class Cluster:
             peers = [p for p in self.peers.values() if p.view().has_room]
             if not peers:
                 return
+            if not len(self.queue):
+                self._steal_for([p for p in peers if not p.inflight])
+                return
             for depth, task in enumerate(self.queue.ordered()):
                 if depth >= PUMP_SCAN:
                     return
                 views = [p.view() for p in self.peers.values() if p.matches(task.targets) and p.can_run(task.req)]
-                chosen = pick(views, self.sched)
+                chosen = pick(views, self.sched, task.req.model_key if task.req else frozenset())
                 if chosen is not None:
                     break
             else:
                 return
-            self.queue.remove(task.prompt_id)
             peer = self.peers[chosen.name]
+            task = self._warm_alternative(task, peer)
+            self.queue.remove(task.prompt_id)
+            peer.models = task.req.model_key if task.req else frozenset()
             peer.last_pick = next(self._picks)
             task.state, task.peer = DISPATCHED, peer.name
             task.attempts += 1
@@ -387,6 +393,73 @@ class Cluster:
             self.db.update_task(task)
             self.changed()
             self.spawn(self._send(task, peer))
+
+    def _steal_for(self, idle: list[Peer]) -> None:
+        """Nothing waits here but a peer is idle: take back a prompt still waiting in a
+        busy peer's own queue, so a fast GPU is not left idle while a slow one holds a
+        queue.  Only prompts that have not started are taken, checked with the peer."""
+        for thief in idle:
+            best = None
+            for victim in self.peers.values():
+                if victim is thief or victim.running is None:
+                    continue
+                waiting = [t for t in victim.inflight.values() if t.state == DISPATCHED and not t.stealing
+                           and thief.matches(t.targets) and thief.can_run(t.req)]
+                if not waiting:
+                    continue
+                # It starts there only after the running prompt and those ahead of it.
+                wait = len(victim.inflight) * (victim.job_time or 1.0)
+                if thief.job_time and thief.job_time >= wait:
+                    continue
+                task = max(waiting, key=lambda t: (t.number, t.seq))  # the one that would wait longest
+                if best is None or wait > best[0]:
+                    best = (wait, victim, task)
+            if best is not None:
+                _, victim, task = best
+                task.stealing = True
+                self.spawn(self._steal(task, victim))
+
+    async def _steal(self, task: Task, victim: Peer) -> None:
+        try:
+            await victim.post_json("/queue", {"delete": [task.prompt_id]})
+            q = await victim.get_json("/queue")
+        except PeerError as e:
+            log.debug("could not take %s back from %s: %s", task.prompt_id, victim.name, e)
+            return
+        finally:
+            task.stealing = False
+        held = {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key, [])
+                if isinstance(item, list) and len(item) > 1}
+        if task.prompt_id in held or task.state != DISPATCHED or victim.tasks.get(task.prompt_id) is not task:
+            return  # it started there meanwhile: leave it
+        victim.forget(task.prompt_id)
+        _outcome(task, "taken back for an idle peer")
+        task.attempts -= 1  # not a failure: it never ran
+        self.counts["rebalanced"] += 1
+        log.info("%s: taken back from %s's queue for an idle peer", task.prompt_id, victim.name)
+        self.queue.push(task, keep_seq=True)
+        task.peer = None
+        self.db.update_task(task)
+        self.pump()
+
+    def _warm_alternative(self, task: Task, peer: Peer) -> Task:
+        """Model affinity from the peer's side: a peer about to load other models takes a
+        queued task that uses the models it already has instead — but only when another
+        peer holds `task`'s models and will take it, so nothing starves or waits for a
+        load that would happen anyway."""
+        if not (self.sched.affinity and peer.models and task.req and task.req.model_key
+                and task.req.model_key != peer.models):
+            return task
+        if not any(p is not peer and p.models == task.req.model_key and p.available and p.can_run(task.req)
+                   for p in self.peers.values()):
+            return task
+        for depth, other in enumerate(self.queue.ordered()):
+            if depth >= AFFINITY_LOOKAHEAD:
+                break
+            if (other.req and other.req.model_key == peer.models and peer.matches(other.targets)
+                    and peer.can_run(other.req)):
+                return other
+        return task
 
     def _payload(self, task: Task, peer: Peer) -> dict:
         body = {"prompt": routing.per_peer_outputs(task.prompt, peer.name),
@@ -563,8 +636,7 @@ class Cluster:
             peer.release(pid)
             peer.progress = None
             if task.started_at:
-                peer.jobs_done += 1
-                peer.job_time_total += time.time() - task.started_at
+                peer.record_job(time.time() - task.started_at)
             if event != "execution_success":
                 peer.jobs_failed += 1
             self.changed()

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+JOB_TIME_WEIGHT = 0.3  # of the newest job in the moving average
 
 
 class PeerListener(Protocol):
@@ -65,6 +66,8 @@ class Peer:
         self.jobs_done = 0
         self.jobs_failed = 0
         self.job_time_total = 0.0
+        self.job_time: float | None = None  # moving average (EWMA) of recent job times
+        self.models: frozenset = frozenset()  # model files of the last prompt sent here
         self.progress: dict | None = None  # the running prompt's latest `progress` event
         self.object_info: dict | None = None
         self.caps: Capabilities | None = None  # None until its /object_info is known: then anything goes
@@ -92,6 +95,11 @@ class Peer:
     def mean_job_time(self) -> float | None:
         return self.job_time_total / self.jobs_done if self.jobs_done else None
 
+    def record_job(self, seconds: float) -> None:
+        self.jobs_done += 1
+        self.job_time_total += seconds
+        self.job_time = seconds if self.job_time is None else (1 - JOB_TIME_WEIGHT) * self.job_time + JOB_TIME_WEIGHT * seconds
+
     def matches(self, targets: frozenset[str] | None) -> bool:
         """Whether a routing rule (peer names or tags) lets a prompt run here."""
         return targets is None or self.name in targets or not targets.isdisjoint(self.cfg.tags)
@@ -101,7 +109,7 @@ class Peer:
 
     def view(self) -> PeerView:
         return PeerView(self.name, len(self.inflight), self.cfg.max_queue, self.cfg.weight,
-                        self.available, self.last_pick)
+                        self.available, self.last_pick, self.job_time, self.models)
 
     def assign(self, task: Task) -> None:
         self.inflight[task.prompt_id] = task
@@ -243,6 +251,7 @@ class Peer:
                        "changed_at": self.health.changed_at, "checked_at": self.health.checked_at},
             "in_flight": len(self.inflight), "running": self.running, "progress": self.progress,
             "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed, "mean_job_time": self.mean_job_time,
+            "recent_job_time": self.job_time, "models": sorted(self.models),
             "devices": (self.system_stats or {}).get("devices", []),
             "at": time.time(),
         }

@@ -19,6 +19,8 @@ class PeerView:
     weight: float = 1.0
     available: bool = True  # enabled, linked and healthy
     last_pick: int = -1     # sequence number of the last dispatch to it (-1: never)
+    job_time: float | None = None  # moving average of its job time (None: not known yet)
+    models: frozenset = frozenset()  # model files of the last prompt sent to it
 
     @property
     def has_room(self) -> bool:
@@ -29,6 +31,7 @@ class PeerView:
 class SchedulerState:
     strategy: str = "least_busy"
     prefer_idle: bool = True
+    affinity: bool = True  # prefer a peer that already has the prompt's models loaded
     cursor: int = 0  # round_robin position
 
 
@@ -41,9 +44,11 @@ def eligible(peers: Sequence[PeerView], prefer_idle: bool) -> list[PeerView]:
     return room
 
 
-def pick(peers: Sequence[PeerView], state: SchedulerState) -> PeerView | None:
+def pick(peers: Sequence[PeerView], state: SchedulerState, models: frozenset = frozenset()) -> PeerView | None:
     """The peer that should get the next task, or None if no peer has room.
 
+    With affinity, a peer that already holds the task's models wins among the peers the
+    strategy would consider — but never over an idle peer while the matching one is busy.
     Ties go to the peer that was picked longest ago, so equal peers share work evenly.
     """
     if state.strategy not in STRATEGIES:
@@ -51,8 +56,13 @@ def pick(peers: Sequence[PeerView], state: SchedulerState) -> PeerView | None:
     candidates = eligible(peers, state.prefer_idle)
     if not candidates:
         return None
+    if state.affinity and models:
+        idle = [p for p in candidates if p.inflight == 0]
+        warm = [p for p in (idle or candidates) if p.models == models]
+        if warm:
+            candidates = warm
     if state.strategy == "least_busy":
-        return min(candidates, key=lambda p: (p.inflight, -p.weight, p.last_pick))
+        return min(candidates, key=lambda p: (expected_wait(p, peers), -p.weight, p.last_pick))
     if state.strategy == "weighted":
         # Fill peers in proportion to their weight: the lowest load per unit of weight wins.
         return min(candidates, key=lambda p: ((p.inflight + 1) / p.weight, p.last_pick))
@@ -62,3 +72,11 @@ def pick(peers: Sequence[PeerView], state: SchedulerState) -> PeerView | None:
     chosen = min(candidates, key=lambda p: order[p.name])
     state.cursor = (names.index(chosen.name) + 1) % len(names)
     return chosen
+
+
+def expected_wait(p: PeerView, peers: Sequence[PeerView]) -> float:
+    """When a task sent to `p` now would finish, in units of job time: a fast GPU with one
+    prompt waiting beats a slow one with none only if it is enough faster."""
+    known = [q.job_time for q in peers if q.job_time]
+    typical = sum(known) / len(known) if known else 1.0
+    return (p.inflight + 1) * (p.job_time or typical)

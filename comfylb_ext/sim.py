@@ -226,6 +226,8 @@ class SimPeer:
                     await self.send("executed", {"node": nid, "display_node": nid, "output": out, "prompt_id": pid}, sid)
             state[nid].update(value=1.0, state="finished")
             await self.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(state)}, sid)
+        # Like ComfyUI's default (classic) cache: what the last prompt did not use is dropped.
+        self.cache = {k: v for k, v in self.cache.items() if k in set(keys.values())}
         if status_str == "success":
             await add("execution_success", {"prompt_id": pid, "timestamp": ts()})
         self.history[pid] = {

@@ -27,6 +27,7 @@ class Task:
     partial_targets: list[str] | None = None
     targets: frozenset[str] | None = None  # peer names/tags a routing rule allows (None: any)
     req: Any = None  # capability.Requirements: node types and model files it needs
+    stealing: bool = False  # being taken back from its peer's queue for an idle peer
     seq: int = 0
     state: str = QUEUED
     peer: str | None = None

@@ -45,3 +45,21 @@ def test_round_robin_cycles_and_skips_peers_without_room():
 def test_unknown_strategy_is_an_error():
     with pytest.raises(ValueError):
         pick(peers(("a", 0, 1, 1, True, -1)), SchedulerState("fastest"))
+
+
+def test_affinity_prefers_the_warm_peer_but_never_over_an_idle_one():
+    A, B = frozenset({"a.ckpt"}), frozenset({"b.ckpt"})
+    state = SchedulerState("least_busy", prefer_idle=True)
+    ps = [PeerView("cold", 0, 2, models=B), PeerView("warm", 0, 2, models=A)]
+    assert pick(ps, state, A).name == "warm"
+    busy_warm = [PeerView("cold", 0, 2, models=B), PeerView("warm", 1, 2, models=A)]
+    assert pick(busy_warm, SchedulerState("least_busy", prefer_idle=False), A).name == "cold"
+    assert pick(ps, SchedulerState("least_busy", affinity=False), A).name == "cold"  # plain: longest ago
+
+
+def test_a_fast_peer_with_a_queue_beats_an_idle_slow_one_only_when_it_is_enough_faster():
+    state = SchedulerState("least_busy", prefer_idle=False)
+    fast, slow = PeerView("fast", 1, 4, job_time=1.0), PeerView("slow", 0, 4, job_time=4.0)
+    assert pick([fast, slow], state).name == "fast"      # 2 x 1 s beats 1 x 4 s
+    slowish = PeerView("slow", 0, 4, job_time=1.5)
+    assert pick([fast, slowish], state).name == "slow"   # 1.5 s beats 2 x 1 s

@@ -22,6 +22,7 @@ from .config import STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
 from .health import UNHEALTHY
 from .history import History
+from .metrics import Metrics
 from .peer import Peer, PeerError
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview
 from .scheduler import SchedulerState, pick
@@ -74,6 +75,7 @@ class Cluster:
         self.health = HealthChecker(cfg.health_check, lambda: self.peers.values(), self.check_peer)
         self.hub = hub
         self._push_at: float | None = None
+        self.metrics = Metrics(self)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -384,6 +386,9 @@ class Cluster:
             task = self._warm_alternative(task, peer)
             self.queue.remove(task.prompt_id)
             peer.models = task.req.model_key if task.req else frozenset()
+            if peer.freed_at is not None:
+                self.metrics.gap(peer.name, time.perf_counter() - peer.freed_at)
+                peer.freed_at = None
             peer.last_pick = next(self._picks)
             task.state, task.peer = DISPATCHED, peer.name
             task.attempts += 1
@@ -637,6 +642,9 @@ class Cluster:
             peer.progress = None
             if task.started_at:
                 peer.record_job(time.time() - task.started_at)
+                self.metrics.job(peer.name, time.time() - task.started_at)
+            if len(self.queue):
+                peer.freed_at = time.perf_counter()  # work waits: the gap until it gets some starts now
             if event != "execution_success":
                 peer.jobs_failed += 1
             self.changed()

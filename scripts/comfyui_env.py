@@ -84,11 +84,25 @@ def _venv(root: Path, tree: Path) -> Path:
     return py
 
 
+def install_extension_requirements(python: Path) -> None:
+    """What ComfyUI-Manager does for ComfyLB: pip-install requirements.txt line by line."""
+    reqs = Path(__file__).resolve().parent.parent / "requirements.txt"
+    for line in reqs.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            _run([str(python), "-m", "pip", "install", "-q", line])
+
+
 def ensure() -> dict:
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     tree = _tree(root)
     python = _venv(root, tree)
+    stamp = Path(python).parent.parent / ".comfylb-requirements"
+    wanted = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text()
+    if not stamp.exists() or stamp.read_text() != wanted:
+        install_extension_requirements(python)
+        stamp.write_text(wanted)
     return {"tree": str(tree), "python": str(python), "version": _version(tree)}
 
 

@@ -32,6 +32,7 @@ class LbApi:
     def routes(self) -> list[tuple[str, str, Handler]]:
         guarded = [
             ("GET", "/lb/status", self.status),
+            ("GET", "/lb/metrics", self.metrics),
             ("GET", "/lb/stats", self.stats),
             ("GET", "/lb/backends", self.backends),
             ("POST", "/lb/backends", self.add_backend),
@@ -63,6 +64,13 @@ class LbApi:
     async def status(self, request: web.Request) -> web.Response:
         """The same snapshot the comfylb.status event pushes: a panel's first paint."""
         return web.json_response(self.cluster.snapshot())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        m = self.cluster.metrics
+        if not m.enabled:
+            return error(501, "metrics need the prometheus_client package: pip install prometheus_client")
+        body, content_type = m.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.cluster.stats())

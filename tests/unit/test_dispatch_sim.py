@@ -144,3 +144,17 @@ async def test_prompts_go_only_to_peers_that_have_their_model():
                                                    "inputs": {"images": ["1", 0], "filename_prefix": "m"}}})
             assert status == 400 and body["error"]["message"] == "No peer can run this prompt"
             assert "nowhere.safetensors" in body["node_errors"]["1"]["errors"][0]["details"]
+
+
+async def test_prometheus_metrics():
+    async with lb_over_sims(1, max_queue=1) as (url, sims, cluster):
+        async with Client(url) as c:
+            runs = [(await c.queue(sleep_prompt(0.05)))[2] for _ in range(3)]
+            await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs)), 20)
+            async with c.session.get(url + "/lb/metrics") as r:
+                assert r.status == 200 and r.content_type == "text/plain"
+                text = await r.text()
+        assert 'comfylb_peer_jobs_total{outcome="success",peer="sim0"} 3.0' in text
+        assert 'comfylb_job_duration_seconds_count{peer="sim0"} 3.0' in text
+        assert 'comfylb_dispatch_gap_seconds_count{peer="sim0"} 2.0' in text  # two prompts waited for it
+        assert "comfylb_queue_depth 0.0" in text and 'comfylb_peer_available{peer="sim0"} 1.0' in text

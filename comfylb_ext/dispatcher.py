@@ -81,7 +81,7 @@ class Cluster:
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300),
-            auto_decompress=False)
+            auto_decompress=False, read_bufsize=1 << 20)
         for b in self.cfg.backends:
             self.add_peer(b)
         for b in self.db.load_peers():

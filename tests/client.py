@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ class Run:
     messages: list[tuple[str, Any]] = field(default_factory=list)
     binary: list[bytes] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    latency_ms: list[float] = field(default_factory=list)  # arrival minus the peer's own timestamp
 
     def types(self) -> list[str]:
         return [t for t, _ in self.messages]
@@ -100,6 +102,8 @@ class Client:
             self._early.setdefault(pid, []).append((t, d))
             return
         run.messages.append((t, d))
+        if isinstance(d.get("timestamp"), (int, float)):
+            run.latency_ms.append(time.time() * 1000 - d["timestamp"])
         if t == "executing" and d.get("node") is None:
             run.done.set()
 

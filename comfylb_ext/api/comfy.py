@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
+WHOLE_BODY = 32 << 20  # /view bodies up to this size are relayed in one piece, larger ones streamed
 _FORCE_DOWNLOAD = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
 _HOP_HEADERS = ("Content-Type", "Content-Disposition", "Content-Length", "Cache-Control", "Last-Modified", "ETag")
 
@@ -204,13 +205,21 @@ class ComfyApi:
             log.warning("view from %s failed: %s", peer.name, e)
             return web.Response(status=502, text=f"peer {peer.name} unreachable")
         try:
-            resp = web.StreamResponse(status=upstream.status,
-                                      headers={h: upstream.headers[h] for h in _HOP_HEADERS if h in upstream.headers})
+            headers = {h: upstream.headers[h] for h in _HOP_HEADERS if h in upstream.headers}
+            if (upstream.content_length or 0) <= WHOLE_BODY:
+                # Images are small: one read and one write beat a chunk loop's many awaits.
+                body = await upstream.read()
+                headers.pop("Content-Length", None)
+                return web.Response(status=upstream.status, body=body, headers=headers)
+            resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_chunked(256 * 1024):
+            async for chunk in upstream.content.iter_chunked(1 << 20):
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            log.warning("view from %s broke off: %s", peer.name, e)
+            return web.Response(status=502, text=f"peer {peer.name} broke off")
         finally:
             upstream.release()
 

@@ -743,13 +743,12 @@ class Cluster:
     async def broadcast_status(self) -> None:
         await self.relay.status(self.queue_remaining())
 
-    def queue_snapshot(self) -> dict:
+    def queue_snapshot(self) -> tuple[list[Task], list[Task]]:
+        """GET /queue: (running, pending), pending in the order they will run."""
         running = [t for t in self.tasks.values() if t.state == RUNNING]
         waiting = [t for t in self.tasks.values() if t.state == DISPATCHED]
         waiting.sort(key=lambda t: (t.number, t.seq))
-        pending = waiting + list(self.queue)
-        return {"queue_running": [t.queue_item() for t in running],
-                "queue_pending": [t.queue_item() for t in pending]}
+        return running, waiting + list(self.queue)
 
     async def delete(self, prompt_ids: list[str]) -> None:
         """POST /queue {delete}: pending prompts leave the queue; dispatched ones are

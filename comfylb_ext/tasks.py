@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import heapq
+import json
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class Task:
     targets: frozenset[str] | None = None  # peer names/tags a routing rule allows (None: any)
     req: Any = None  # capability.Requirements: node types and model files it needs
     stealing: bool = False  # being taken back from its peer's queue for an idle peer
+    _item_json: str | None = field(default=None, repr=False)
     seq: int = 0
     state: str = QUEUED
     peer: str | None = None
@@ -59,6 +61,12 @@ class Task:
     def queue_item(self) -> list[Any]:
         """ComfyUI's queue tuple: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
         return [self.number, self.prompt_id, self.prompt, self.public_extra_data(), list(self.outputs)]
+
+    def queue_item_json(self) -> str:
+        """queue_item() as JSON, made once: none of its parts change after submission."""
+        if self._item_json is None:
+            self._item_json = json.dumps(self.queue_item())
+        return self._item_json
 
 
 class TaskQueue:

@@ -113,3 +113,43 @@ async def test_standalone_page(browser, balancer, peers, shots):
     finally:
         await page.close()
         await remove_peer(balancer.url, peers[2].name)
+
+
+async def test_the_coordinator_web_ui_runs_on_peers(browser, coordinators, peers, shots):
+    """Run from the coordinator's own UI: the Save node shows the image a peer made, the
+    queue panel lists the job, and the UI's interrupt button stops a running prompt."""
+    coord = coordinators["coord"]
+    page, errors = await open_page(browser, coord.url)
+    load = "(wf) => window.comfyAPI.app.app.loadApiJson(wf, 'comfylb-webui')"
+    run_button = page.locator("button.p-splitbutton-button").first
+    try:
+        await page.locator(".comfylb-tab-button").wait_for(timeout=90000)
+        workflow = {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 4321}},
+            "2": {"class_type": "TestSleep", "inputs": {"value": ["1", 0], "seconds": 1.0}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "webui"}},
+        }
+        await page.evaluate(load, workflow)
+        async with page.expect_response(lambda r: "/api/view?" in r.url and "webui" in r.url and r.status == 200,
+                                        timeout=60000) as shown:
+            await run_button.click()
+        url = (await shown.value).url
+        assert any(f"subfolder={p.name}" in url for p in peers[:2]), url  # made on a peer, not here
+        await page.locator(".queue-tab-button").click()
+        await page.locator(".side-bar-panel img[src*='/api/view']").first.wait_for(timeout=30000)
+        await page.screenshot(path=str(shots / "webui-queue-panel.png"))
+
+        workflow["2"]["inputs"]["seconds"] = 30.0
+        workflow["1"]["inputs"]["color"] = 1234
+        await page.evaluate(load, workflow)
+        async with Client(coord.url) as c:
+            await run_button.click()
+            snap = await c.wait_event("comfylb.status", lambda d: any(q["state"] == "running" for q in d["queue"]))
+            running = next(q["task_id"] for q in snap["queue"] if q["state"] == "running")
+            await page.locator('button[aria-label="Cancel current run"]').click()  # the UI's own button
+            await c.wait_event("comfylb.status", lambda d: all(q["task_id"] != running for q in d["queue"]))
+            _, hist = await c.get(f"/api/history/{running}")
+            assert [m[0] for m in hist[running]["status"]["messages"]][-1] == "execution_interrupted"
+        assert not [e for e in errors if "comfylb" in e.lower()], errors
+    finally:
+        await page.close()

@@ -88,6 +88,8 @@ class StorageConfig:
     # SQLite file for the queue, tasks, history and runtime peers (relative to dir);
     # ":memory:" keeps nothing across restarts.
     database: str = "comfylb.db"
+    # Output images already relayed by /view, kept for the next view (0 = keep none).
+    view_cache_mb: int = 2048
 
 
 @dataclass

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,6 +24,7 @@ from .health import HealthChecker
 from .health import UNHEALTHY
 from .history import History
 from .metrics import Metrics
+from .viewcache import ViewCache
 from .peer import Peer, PeerError
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview
 from .scheduler import SchedulerState, pick
@@ -76,6 +78,8 @@ class Cluster:
         self.hub = hub
         self._push_at: float | None = None
         self.metrics = Metrics(self)
+        self.view_cache = ViewCache(Path(cfg.storage.dir) / "view-cache" if self.db.path != ":memory:" else None,
+                                    cfg.storage.view_cache_mb << 20)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -634,7 +638,7 @@ class Cluster:
             peer.progress = {k: data.get(k) for k in ("prompt_id", "node", "value", "max")}
             self.changed()
         elif event == "executed":
-            self._record_outputs(peer, (data.get("output") or {}))
+            self._record_outputs(peer, (data.get("output") or {}), fresh=True)
         if event in _STATUS_EVENTS:
             task.messages.append([event, data])
         if event in TERMINAL_EVENTS:
@@ -669,7 +673,9 @@ class Cluster:
         if task is not None:
             await self.relay.binary(task.client_id, event, payload)
 
-    def _record_outputs(self, peer: Peer, outputs: dict) -> None:
+    def _record_outputs(self, peer: Peer, outputs: dict, fresh: bool = False) -> None:
+        """Which peer holds each output file; fresh: just written, so a copy kept under
+        the same name is stale."""
         rows = []
         for items in outputs.values():
             if not isinstance(items, list):
@@ -677,6 +683,8 @@ class Cluster:
             for item in items:
                 if isinstance(item, dict) and isinstance(item.get("filename"), str):
                     key = (item.get("type") or "output", item.get("subfolder") or "", item["filename"])
+                    if fresh:
+                        self.view_cache.invalidate(key[1], key[2])
                     if self.files.get(key) != peer.name:
                         self.files[key] = peer.name
                         rows.append((*key, peer.name))

@@ -62,7 +62,8 @@ def pick(peers: Sequence[PeerView], state: SchedulerState, models: frozenset = f
         if warm:
             candidates = warm
     if state.strategy == "least_busy":
-        return min(candidates, key=lambda p: (expected_wait(p, peers), -p.weight, p.last_pick))
+        # An idle peer first; among busy ones, the one whose queue empties soonest.
+        return min(candidates, key=lambda p: (p.inflight > 0, expected_wait(p, peers), -p.weight, p.last_pick))
     if state.strategy == "weighted":
         # Fill peers in proportion to their weight: the lowest load per unit of weight wins.
         return min(candidates, key=lambda p: ((p.inflight + 1) / p.weight, p.last_pick))
@@ -75,8 +76,8 @@ def pick(peers: Sequence[PeerView], state: SchedulerState, models: frozenset = f
 
 
 def expected_wait(p: PeerView, peers: Sequence[PeerView]) -> float:
-    """When a task sent to `p` now would finish, in units of job time: a fast GPU with one
-    prompt waiting beats a slow one with none only if it is enough faster."""
+    """When a task sent to `p` now would finish, from its moving-average job time: a fast
+    GPU with two prompts ahead beats a slow one with one if it is enough faster."""
     known = [q.job_time for q in peers if q.job_time]
     typical = sum(known) / len(known) if known else 1.0
     return (p.inflight + 1) * (p.job_time or typical)

@@ -87,7 +87,10 @@ class InputStore:
         cached = self._digests.get(path)
         if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
             return cached[2]
-        digest = _sha(path.read_bytes())
+        try:
+            digest = _sha(path.read_bytes())
+        except OSError:  # a directory by that name, unreadable, …
+            return None
         self._digests[path] = (st.st_size, st.st_mtime_ns, digest)
         return digest
 

@@ -29,6 +29,14 @@ def bad_request(message: str, details: str = "", typ: str = "invalid_request") -
     return web.json_response(error_body(_err(typ, message, details)), status=400)
 
 
+def _file_headers(name: str) -> dict[str, str]:
+    """The headers ComfyUI's /view sends with a raw file."""
+    ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if ctype in _FORCE_DOWNLOAD:
+        ctype = "application/octet-stream"
+    return {"Content-Disposition": f'filename="{name}"', "Content-Type": ctype}
+
+
 def param(request: web.Request, name: str) -> str:
     """A path parameter, whether aiohttp routed the request or the extension's middleware did."""
     params = request.get("comfylb_params")
@@ -179,19 +187,21 @@ class ComfyApi:
             return web.Response(status=403)
         base = os.path.basename(name)
         peer = self.cluster.producer_of(typ, sub, base)
+        raw = "preview" not in q and q.get("channel", "rgba") == "rgba"
+        if typ == "output" and raw:
+            cached = self.cluster.view_cache.get(sub, base)
+            if cached is not None:
+                return web.FileResponse(cached, headers=_file_headers(base))
         if peer is not None:
-            return await self._proxy(request, peer, "/view?" + request.query_string)
+            return await self._proxy(request, peer, "/view?" + request.query_string,
+                                     cache_as=(sub, base) if typ == "output" and raw else None)
         if self.own_files:
             return None
         stored = self.store.lookup(typ, sub, base)
         if stored is None:
             return web.Response(status=404)
-        if "preview" not in q and q.get("channel", "rgba") == "rgba":
-            ctype = mimetypes.guess_type(base)[0] or "application/octet-stream"
-            if ctype in _FORCE_DOWNLOAD:
-                ctype = "application/octet-stream"
-            return web.FileResponse(self.store.path_of(stored),
-                                    headers={"Content-Disposition": f'filename="{base}"', "Content-Type": ctype})
+        if raw:
+            return web.FileResponse(self.store.path_of(stored), headers=_file_headers(base))
         # A converted view (preview/channel) needs an image library: let a peer do it.
         peer = self.cluster.any_peer()
         if peer is None:
@@ -202,7 +212,8 @@ class ComfyApi:
             return web.Response(status=502, text=str(e))
         return await self._proxy(request, peer, "/view?" + request.query_string)
 
-    async def _proxy(self, request: web.Request, peer: Peer, path: str) -> web.StreamResponse:
+    async def _proxy(self, request: web.Request, peer: Peer, path: str,
+                     cache_as: tuple[str, str] | None = None) -> web.StreamResponse:
         try:
             upstream = await peer.open_stream("GET", path)
         except PeerError as e:
@@ -214,6 +225,8 @@ class ComfyApi:
                 # Images are small: one read and one write beat a chunk loop's many awaits.
                 body = await upstream.read()
                 headers.pop("Content-Length", None)
+                if cache_as is not None and upstream.status == 200:
+                    self.cluster.view_cache.put(*cache_as, body)
                 return web.Response(status=upstream.status, body=body, headers=headers)
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(request)

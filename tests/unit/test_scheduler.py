@@ -57,9 +57,11 @@ def test_affinity_prefers_the_warm_peer_but_never_over_an_idle_one():
     assert pick(ps, SchedulerState("least_busy", affinity=False), A).name == "cold"  # plain: longest ago
 
 
-def test_a_fast_peer_with_a_queue_beats_an_idle_slow_one_only_when_it_is_enough_faster():
+def test_idle_first_then_the_queue_that_empties_soonest():
     state = SchedulerState("least_busy", prefer_idle=False)
-    fast, slow = PeerView("fast", 1, 4, job_time=1.0), PeerView("slow", 0, 4, job_time=4.0)
-    assert pick([fast, slow], state).name == "fast"      # 2 x 1 s beats 1 x 4 s
-    slowish = PeerView("slow", 0, 4, job_time=1.5)
-    assert pick([fast, slowish], state).name == "slow"   # 1.5 s beats 2 x 1 s
+    idle_slow, busy_fast = PeerView("slow", 0, 4, job_time=4.0), PeerView("fast", 1, 4, job_time=1.0)
+    assert pick([busy_fast, idle_slow], state).name == "slow"   # an idle GPU is never passed over
+    fast, slow = PeerView("fast", 2, 4, job_time=1.0), PeerView("slow", 1, 4, job_time=4.0)
+    assert pick([fast, slow], state).name == "fast"      # 3 x 1 s beats 2 x 4 s
+    slowish = PeerView("slow", 1, 4, job_time=1.2)
+    assert pick([fast, slowish], state).name == "slow"   # 2 x 1.2 s beats 3 x 1 s

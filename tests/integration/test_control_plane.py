@@ -145,7 +145,9 @@ async def test_disabled_peer_gets_no_work_and_strategy_switch_changes_placement(
             hosts = []
             for _ in range(2):
                 run = await c.run(invert_prompt())
-                hosts += await ran_on(peers, run.prompt_id)
+                _, hist = await c.get(f"/history/{run.prompt_id}")
+                # where the strategy sent it first (an idle peer may take it back later)
+                hosts.append(hist[run.prompt_id]["comfylb"]["attempts"][0]["peer"])
             await asyncio.wait_for(long.done.wait(), 30)
             (busy,) = await ran_on(peers, long.prompt_id)
             return ["busy" if h == busy else "idle" for h in hosts]

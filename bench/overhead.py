@@ -56,17 +56,18 @@ async def post_latency(url_lb: str, url_peer: str, n: int) -> tuple[list[float],
     return lb, direct
 
 
-async def view_throughput(url_lb: str, url_peer: str, params: dict, size: int, n: int) -> tuple[float, float]:
-    times = {url_lb: [], url_peer: []}
+async def view_throughput(urls: list[str], params: dict, size: int, n: int) -> list[float]:
+    """Median MB/s of each URL's /view, the URLs taking turns."""
+    times: dict[str, list[float]] = {u: [] for u in urls}
     async with aiohttp.ClientSession() as s:
         for _ in range(n):
-            for url in (url_lb, url_peer):
+            for url in urls:
                 t0 = time.perf_counter()
                 async with s.get(url + "/view", params=params) as r:
                     body = await r.read()
                 assert r.status == 200 and len(body) == size
                 times[url].append(time.perf_counter() - t0)
-    return size / p50(times[url_lb]) / 1e6, size / p50(times[url_peer]) / 1e6
+    return [size / p50(times[u]) / 1e6 for u in urls]
 
 
 async def main() -> None:
@@ -76,12 +77,16 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="comfylb-bench-"))
     env = procs.comfyui_env()
     peer = procs.start_comfyui(env, "peer", work)
-    lb = None
+    lb = relay_lb = None
     try:
         peer.wait_ready("/system_stats", 180)
         lb = procs.start_balancer(work, "lb", [{"name": "peer", "port": peer.port, "max_queue": 1000}])
-        lb.wait_ready("/system_stats", 30)
-        wait_backends(lb, {"peer"})
+        # the same, keeping no copies: every /view is relayed from the peer
+        relay_lb = procs.start_balancer(work, "relay", [{"name": "peer", "port": peer.port, "max_queue": 1000}],
+                                     storage={"dir": str(work / "relay-data"), "view_cache_mb": 0})
+        for b in (lb, relay_lb):
+            b.wait_ready("/system_stats", 30)
+            wait_backends(b, {"peer"})
         lb_post, direct_post = await post_latency(lb.url, peer.url, args.n)
 
         image = noise_png(1200)
@@ -95,7 +100,10 @@ async def main() -> None:
         async with aiohttp.ClientSession() as s:
             async with s.get(peer.url + "/view", params=out) as r:
                 size = len(await r.read())
-        lb_mbs, direct_mbs = await view_throughput(lb.url, peer.url, out, size, 20)
+        async with Client(relay_lb.url) as c:  # let the relaying balancer learn where the file is
+            await c.run({"1": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
+                         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "big"}}})
+        lb_mbs, relay_mbs, direct_mbs = await view_throughput([lb.url, relay_lb.url, peer.url], out, size, 20)
 
         relay = {}
         for name, base in (("comfylb", lb.url), ("direct", peer.url)):
@@ -107,13 +115,14 @@ async def main() -> None:
                     samples += [t for t in run.latency_ms]
             relay[name] = samples
     finally:
-        if lb:
-            lb.stop()
+        for b in (lb, relay_lb):
+            if b:
+                b.stop()
         peer.stop()
     print(f"POST /prompt p50: comfylb {p50(lb_post):.2f} ms, direct {p50(direct_post):.2f} ms "
           f"(added {p50(lb_post) - p50(direct_post):+.2f} ms, ratio {p50(lb_post) / p50(direct_post):.2f})")
-    print(f"GET /view {size / 1e6:.1f} MB: comfylb {lb_mbs:.0f} MB/s, direct {direct_mbs:.0f} MB/s "
-          f"(ratio {lb_mbs / direct_mbs:.2f})")
+    print(f"GET /view {size / 1e6:.1f} MB: relayed from the peer {relay_mbs:.0f} MB/s (ratio {relay_mbs / direct_mbs:.2f}), "
+          f"from comfylb's kept copy {lb_mbs:.0f} MB/s (ratio {lb_mbs / direct_mbs:.2f}), direct {direct_mbs:.0f} MB/s")
     print(f"websocket relay, peer timestamp to client: comfylb p50 {p50(relay['comfylb']):.1f} ms, "
           f"direct p50 {p50(relay['direct']):.1f} ms (added {p50(relay['comfylb']) - p50(relay['direct']):+.1f} ms)")
 

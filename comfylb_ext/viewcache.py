@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class ViewCache:
             files = sorted((p for p in self.root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
             self.sizes = {p: p.stat().st_size for p in files}  # insertion order = oldest first
         self.total = sum(self.sizes.values())
+        self._lock = threading.Lock()  # put() runs in a worker thread
 
     def _path(self, subfolder: str, filename: str) -> Path | None:
         if self.root is None:
@@ -47,18 +49,20 @@ class ViewCache:
         except OSError as e:
             log.debug("not cached %s: %s", path, e)
             return
-        self.total += len(body) - self.sizes.pop(path, 0)
-        self.sizes[path] = len(body)
-        while self.total > self.limit and self.sizes:
-            old, size = next(iter(self.sizes.items()))
-            self.drop(old)
+        with self._lock:
+            self.total += len(body) - self.sizes.pop(path, 0)
+            self.sizes[path] = len(body)
+            while self.total > self.limit and self.sizes:
+                self.drop(next(iter(self.sizes)))
 
     def invalidate(self, subfolder: str, filename: str) -> None:
         path = self._path(subfolder, filename)
         if path is not None and path in self.sizes:
-            self.drop(path)
+            with self._lock:
+                self.drop(path)
 
     def drop(self, path: Path) -> None:
+        """Forget and delete a copy (the caller holds the lock)."""
         self.total -= self.sizes.pop(path, 0)
         try:
             path.unlink()

@@ -226,7 +226,8 @@ class ComfyApi:
                 body = await upstream.read()
                 headers.pop("Content-Length", None)
                 if cache_as is not None and upstream.status == 200:
-                    self.cluster.view_cache.put(*cache_as, body)
+                    # Written off the event loop, after the client has its bytes.
+                    self.cluster.spawn(asyncio.to_thread(self.cluster.view_cache.put, *cache_as, body))
                 return web.Response(status=upstream.status, body=body, headers=headers)
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(request)

@@ -30,7 +30,10 @@ class ViewCache:
     def _path(self, subfolder: str, filename: str) -> Path | None:
         if self.root is None:
             return None
-        path = (self.root / os.path.normpath(subfolder or ".") / filename).resolve()
+        try:
+            path = (self.root / os.path.normpath(subfolder or ".") / filename).resolve()
+        except (OSError, ValueError):  # a NUL byte, a name too long, …
+            return None
         return path if path.parent == self.root or self.root in path.parents else None
 
     def get(self, subfolder: str, filename: str) -> Path | None:

@@ -177,7 +177,7 @@ class ComfyApi:
         name, annotated = split_annotation(q["filename"])
         if not name:
             return web.Response(status=400)
-        if name[0] == "/" or ".." in name:
+        if name[0] == "/" or ".." in name or "\x00" in name:
             return web.Response(status=400)
         typ = annotated or q.get("type", "output")
         if typ not in TYPES:

@@ -19,5 +19,16 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 echo "== real ComfyUI for the integration tests (cached)"
 "$VENV/bin/python" scripts/comfyui_env.py
+# The core supports Python 3.10-3.13: where those interpreters are installed (pyenv or on
+# PATH), the fast tests run on them too.  COMFYLB_OTHER_PYTHONS="" skips this.
+for v in ${COMFYLB_OTHER_PYTHONS-3.10 3.13}; do
+  py=$(command -v "python$v" 2>/dev/null || ls -d "$(pyenv root 2>/dev/null)"/versions/"$v".*/bin/python 2>/dev/null | tail -1 || true)
+  if [ -z "$py" ] || ! "$py" -c pass 2>/dev/null; then echo "== python $v not installed: skipped"; continue; fi
+  other=".venv-py$v"
+  [ -x "$other/bin/python" ] || "$py" -m venv "$other"
+  "$other/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+  echo "== unit tests on $("$other/bin/python" --version)"
+  "$other/bin/python" -m pytest tests/unit -q -p no:cacheprovider
+done
 echo "== running the tests"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -158,3 +158,20 @@ async def test_prometheus_metrics():
         assert 'comfylb_job_duration_seconds_count{peer="sim0"} 3.0' in text
         assert 'comfylb_dispatch_gap_seconds_count{peer="sim0"} 2.0' in text  # two prompts waited for it
         assert "comfylb_queue_depth 0.0" in text and 'comfylb_peer_available{peer="sim0"} 1.0' in text
+
+
+async def test_comfy_org_keys_reach_the_peer_but_are_never_shown():
+    async with lb_over_sims(1, max_queue=1) as (url, sims, cluster):
+        sim = sims[0].sim
+        async with Client(url) as c:
+            secret = {"api_key_comfy_org": "sk-very-secret", "auth_token_comfy_org": "tok-secret"}
+            _, body, run = await c.queue(sleep_prompt(0.3), extra_data={**secret, "extra_pnginfo": {"x": 1}})
+            await c.until(lambda: "execution_start" in run.types())
+            assert sim.running[3]["api_key_comfy_org"] == "sk-very-secret"  # forwarded to the peer
+            shown = [await c.get("/queue"), await c.get(f"/lb/tasks/{run.prompt_id}"), await c.get("/lb/tasks"),
+                     await c.get("/lb/status")]
+            await asyncio.wait_for(run.done.wait(), 10)
+            shown += [await c.get("/history"), await c.get(f"/history/{run.prompt_id}")]
+            text = str(shown)
+            assert "sk-very-secret" not in text and "tok-secret" not in text
+            assert "extra_pnginfo" in text  # the rest of extra_data is there

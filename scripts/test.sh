@@ -21,9 +21,15 @@ echo "== real ComfyUI for the integration tests (cached)"
 "$VENV/bin/python" scripts/comfyui_env.py
 # The core supports Python 3.10-3.13: where those interpreters are installed (pyenv or on
 # PATH), the fast tests run on them too.  COMFYLB_OTHER_PYTHONS="" skips this.
+find_python() {
+  local cand
+  for cand in "python$1" $(ls -d "$(pyenv root 2>/dev/null)"/versions/"$1".*/bin/python 2>/dev/null); do
+    if "$cand" -c pass >/dev/null 2>&1; then echo "$cand"; return; fi
+  done
+}
 for v in ${COMFYLB_OTHER_PYTHONS-3.10 3.13}; do
-  py=$(command -v "python$v" 2>/dev/null || ls -d "$(pyenv root 2>/dev/null)"/versions/"$v".*/bin/python 2>/dev/null | tail -1 || true)
-  if [ -z "$py" ] || ! "$py" -c pass 2>/dev/null; then echo "== python $v not installed: skipped"; continue; fi
+  py=$(find_python "$v")
+  if [ -z "$py" ]; then echo "== python $v not installed: skipped"; continue; fi
   other=".venv-py$v"
   [ -x "$other/bin/python" ] || "$py" -m venv "$other"
   "$other/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -45,7 +45,7 @@ def p50(xs):
 async def post_latency(url_lb: str, url_peer: str, n: int) -> tuple[list[float], list[float]]:
     lb, direct = [], []
     async with aiohttp.ClientSession() as s:
-        for i in range(n):
+        for _ in range(n):
             for url, out in ((url_lb, lb), (url_peer, direct)):
                 body = {"prompt": invert_prompt("ovh"), "client_id": "bench"}
                 t0 = time.perf_counter()

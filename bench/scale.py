@@ -53,8 +53,6 @@ async def timed(s: aiohttp.ClientSession, method: str, url: str, n: int = 15, **
 
 async def wait_available(s, url: str, n: int) -> None:
     while True:
-        async with s.get(url + "/lb/stats") as r:
-            stats = await r.json()
         async with s.get(url + "/lb/backends") as r:
             if sum(b["available"] for b in (await r.json())["backends"]) >= n:
                 return

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from pathlib import Path
 
 from aiohttp import web
 

@@ -6,7 +6,6 @@ import logging
 import signal
 import time
 
-import aiohttp
 import pytest
 
 from tests import procs

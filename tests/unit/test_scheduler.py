@@ -28,7 +28,7 @@ def test_prefer_idle_beats_weight():
 def test_weighted_fills_in_proportion_to_weight():
     load = {"a": 0, "b": 0}
     state = SchedulerState("weighted", prefer_idle=False)
-    for i in range(30):
+    for _ in range(30):
         ps = peers(("a", load["a"], 100, 2, True, -1), ("b", load["b"], 100, 1, True, -1))
         load[pick(ps, state).name] += 1
     assert load == {"a": 20, "b": 10}

@@ -88,8 +88,10 @@ class StorageConfig:
     # SQLite file for the queue, tasks, history and runtime peers (relative to dir);
     # ":memory:" keeps nothing across restarts.
     database: str = "comfylb.db"
-    # Output images already relayed by /view, kept for the next view (0 = keep none).
+    # Outputs kept on the coordinator for /view (0 = keep none): copied from the peer as
+    # soon as it announces them (prefetch_outputs) or when first viewed.
     view_cache_mb: int = 2048
+    prefetch_outputs: bool = True
 
 
 @dataclass

@@ -15,6 +15,7 @@ import uuid
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -42,7 +43,8 @@ SNAPSHOT_TASKS = 50               # queued/running tasks included in a push
 RECORD_SIZE = 10000               # finished tasks kept for /lb/tasks
 OBJECT_INFO_EVERY = 12            # health checks between refreshes of a peer's /object_info
 PUMP_SCAN = 1000
-AFFINITY_LOOKAHEAD = 64           # queued tasks a warm peer looks through for one using its models                  # queued tasks looked at per dispatch for one a free peer may run
+AFFINITY_LOOKAHEAD = 64
+PREFETCH_MAX = 32 << 20           # outputs larger than this are relayed on demand, not copied ahead           # queued tasks a warm peer looks through for one using its models                  # queued tasks looked at per dispatch for one a free peer may run
 # Events the coordinator keeps for a history entry it must write itself.
 _STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
 
@@ -685,11 +687,34 @@ class Cluster:
                     key = (item.get("type") or "output", item.get("subfolder") or "", item["filename"])
                     if fresh:
                         self.view_cache.invalidate(key[1], key[2])
+                        if key[0] == "output" and self.cfg.storage.prefetch_outputs and self.view_cache.enabled:
+                            self.spawn(self._prefetch(peer, key[1], key[2]))
                     if self.files.get(key) != peer.name:
                         self.files[key] = peer.name
                         rows.append((*key, peer.name))
         if rows:
             self.db.set_files(rows)
+
+    async def _prefetch(self, peer: Peer, subfolder: str, filename: str) -> None:
+        """Copy a new output to the coordinator as soon as the peer announces it: the
+        client's /view is then served from local disk, and the image outlives its peer."""
+        async with peer.prefetching:
+            if self.view_cache.get(subfolder, filename) is not None:
+                return
+            try:
+                upstream = await peer.open_stream("GET", "/view?" + urlencode(
+                    {"filename": filename, "subfolder": subfolder, "type": "output"}))
+            except PeerError:
+                return
+            try:
+                if upstream.status != 200 or (upstream.content_length or 0) > PREFETCH_MAX:
+                    return
+                body = await upstream.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return
+            finally:
+                upstream.release()
+            await asyncio.to_thread(self.view_cache.put, subfolder, filename, body)
 
     # -- history -----------------------------------------------------------------------
     def _add_history(self, prompt_id: str, entry: dict) -> None:

@@ -69,6 +69,7 @@ class Peer:
         self.job_time: float | None = None  # moving average (EWMA) of recent job times
         self.models: frozenset = frozenset()  # model files of the last prompt sent here
         self.freed_at: float | None = None  # when it last freed a slot while work waited (dispatch gap)
+        self.prefetching = asyncio.Semaphore(2)  # outputs copied from it at once
         self.progress: dict | None = None  # the running prompt's latest `progress` event
         self.object_info: dict | None = None
         self.caps: Capabilities | None = None  # None until its /object_info is known: then anything goes

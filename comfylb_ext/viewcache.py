@@ -27,6 +27,10 @@ class ViewCache:
         self.total = sum(self.sizes.values())
         self._lock = threading.Lock()  # put() runs in a worker thread
 
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
     def _path(self, subfolder: str, filename: str) -> Path | None:
         if self.root is None:
             return None

@@ -1,7 +1,7 @@
 """Coordinator logic over simulated peers (fast; the real-peer tests cover the protocol)."""
 import asyncio
 
-from tests.client import Client, sleep_prompt
+from tests.client import Client, invert_prompt, sleep_prompt
 from tests.simcluster import lb_over_sims, wait_for
 
 
@@ -175,3 +175,16 @@ async def test_comfy_org_keys_reach_the_peer_but_are_never_shown():
             text = str(shown)
             assert "sk-very-secret" not in text and "tok-secret" not in text
             assert "extra_pnginfo" in text  # the rest of extra_data is there
+
+
+async def test_outputs_are_copied_ahead_and_outlive_their_peer():
+    async with lb_over_sims(1, max_queue=1) as (url, sims, cluster):
+        async with Client(url) as c:
+            run = await c.run(invert_prompt("kept"))
+            image = run.first("executed")["output"]["images"][0]
+            assert image["subfolder"] == "sim0"  # the peer's own subfolder
+            direct = (sims[0].sim.root / "output" / image["subfolder"] / image["filename"]).read_bytes()
+            await wait_for(lambda: cluster.view_cache.get(image["subfolder"], image["filename"]) is not None)
+            await sims[0].stop()
+            status, body = await c.get("/view", params=image)
+            assert status == 200 and body == direct

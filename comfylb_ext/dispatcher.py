@@ -296,9 +296,9 @@ class Cluster:
                 "invalid_prompt", "partial_execution_targets must be a list of node ids", repr(partial)[:200]))
         if isinstance(prompt, dict):
             prompt, targets, rules = routing.extract(prompt)
-            refusal = self._unroutable(rules)
+            refusal = routing.unroutable(rules, {p.name: p.cfg.tags for p in self.peers.values() if not p.removed})
             if refusal is not None:
-                return 400, refusal
+                return 400, validation.error_body(*refusal)
         else:
             targets = None
         ok, error, outputs, node_errors = validation.validate(prompt, self.catalog(), partial)
@@ -338,33 +338,6 @@ class Cluster:
         self.pump()
         self.spawn(self.broadcast_status())
         return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
-
-    def _unroutable(self, rules: dict[str, frozenset[str]]) -> dict | None:
-        """ComfyUI's 400 body when a routing node names no peer we have."""
-        peers = [p for p in self.peers.values() if not p.removed]
-        node_errors = {}
-        for nid, targets in rules.items():
-            if targets and not any(p.matches(targets) for p in peers):
-                node_errors[nid] = {"errors": [validation._err(
-                    "no_matching_peer", "No peer matches this routing rule",
-                    f"target {', '.join(sorted(targets))!r}: no peer has this name or tag",
-                    {"input_name": "target", "received_value": ", ".join(sorted(targets)),
-                     "peers": sorted(p.name for p in peers)})],
-                    "dependent_outputs": [], "class_type": routing.ROUTE_CLASS}
-        allowed = None
-        for targets in rules.values():
-            if targets:
-                allowed = targets if allowed is None else allowed & targets
-        if not node_errors and allowed is not None and not any(p.matches(allowed) for p in peers):
-            node_errors = {nid: {"errors": [validation._err(
-                "no_matching_peer", "No peer satisfies every routing rule together",
-                f"targets {', '.join(sorted(t))!r}", {"input_name": "target"})],
-                "dependent_outputs": [], "class_type": routing.ROUTE_CLASS} for nid, t in rules.items()}
-        if not node_errors:
-            return None
-        return validation.error_body(validation._err(
-            "prompt_outputs_failed_validation", "No peer can run this prompt",
-            "\n".join(e["errors"][0]["details"] for e in node_errors.values())), node_errors)
 
     # -- dispatch ------------------------------------------------------------------
     def pump(self) -> None:

@@ -30,6 +30,38 @@ def extract(prompt: dict) -> tuple[dict, frozenset[str] | None, dict[str, frozen
     return stripped, allowed, rules
 
 
+def _matches(name: str, tags: list[str], targets: frozenset[str]) -> bool:
+    return name in targets or not targets.isdisjoint(tags)
+
+
+def unroutable(rules: dict[str, frozenset[str]], peers: dict[str, list[str]]) -> tuple[dict, dict] | None:
+    """ComfyUI's (error, node_errors) when the routing nodes name no peer we have
+    (`peers`: name → tags), else None."""
+    def err(message: str, details: str, extra: dict) -> dict:
+        return {"type": "no_matching_peer", "message": message, "details": details, "extra_info": extra}
+
+    node_errors = {}
+    for nid, targets in rules.items():
+        if targets and not any(_matches(n, t, targets) for n, t in peers.items()):
+            node_errors[nid] = {"errors": [err(
+                "No peer matches this routing rule", f"target {', '.join(sorted(targets))!r}: no peer has this name or tag",
+                {"input_name": "target", "received_value": ", ".join(sorted(targets)), "peers": sorted(peers)})],
+                "dependent_outputs": [], "class_type": ROUTE_CLASS}
+    allowed = None
+    for targets in rules.values():
+        if targets:
+            allowed = targets if allowed is None else allowed & targets
+    if not node_errors and allowed is not None and not any(_matches(n, t, allowed) for n, t in peers.items()):
+        node_errors = {nid: {"errors": [err("No peer satisfies every routing rule together",
+                                            f"targets {', '.join(sorted(t))!r}", {"input_name": "target"})],
+                             "dependent_outputs": [], "class_type": ROUTE_CLASS} for nid, t in rules.items()}
+    if not node_errors:
+        return None
+    error = {"type": "prompt_outputs_failed_validation", "message": "No peer can run this prompt",
+             "details": "\n".join(e["errors"][0]["details"] for e in node_errors.values()), "extra_info": {}}
+    return error, node_errors
+
+
 def per_peer_outputs(prompt: dict, peer: str) -> dict:
     """Save nodes write into a subfolder named after the peer (`filename_prefix` "x" →
     "peer/x"): every peer numbers its files from 1, so without this two peers produce the

@@ -37,3 +37,18 @@ def test_unknown_node_types_and_the_new_combo_spelling():
     caps = Capabilities({"L": {"input": {"required": {"lora_name": ["COMBO", {"options": ["x.pt"]}]}}}})
     assert caps.can_run(requirements({"1": {"class_type": "L", "inputs": {"lora_name": "x.pt"}}}))
     assert not caps.can_run(requirements({"1": {"class_type": "L", "inputs": {"lora_name": "y.pt"}}}))
+
+
+def test_routing_rules_extract_and_refuse():
+    from comfylb_ext.routing import extract, per_peer_outputs, unroutable
+
+    prompt = {"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}},
+              "9": {"class_type": "ComfyLBRoute", "inputs": {"target": "gpu24, b"}},
+              "8": {"class_type": "ComfyLBRoute", "inputs": {"target": "gpu24"}}}
+    stripped, allowed, rules = extract(prompt)
+    assert set(stripped) == {"1"} and allowed == {"gpu24"}
+    assert unroutable(rules, {"a": ["gpu24"], "b": []}) is None
+    error, node_errors = unroutable({"9": frozenset({"gpu48"})}, {"a": ["gpu24"]})
+    assert error["message"] == "No peer can run this prompt" and "gpu48" in node_errors["9"]["errors"][0]["details"]
+    assert per_peer_outputs(stripped, "a")["1"]["inputs"]["filename_prefix"] == "a/x"
+    assert per_peer_outputs(per_peer_outputs(stripped, "a"), "a")["1"]["inputs"]["filename_prefix"] == "a/x"

@@ -22,9 +22,9 @@ import aiohttp
 from . import capability, routing, validation
 from .config import STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
-from .health import UNHEALTHY
 from .history import History
 from .metrics import Metrics
+from .recovery import TERMINAL_EVENTS, Recovery, _now_ms, _outcome
 from .viewcache import ViewCache
 from .peer import Peer, PeerError
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview
@@ -36,24 +36,20 @@ from .uploads import InputStore
 
 log = logging.getLogger(__name__)
 
-TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 STATUS_EVENT = "comfylb.status"   # the custom websocket event that carries live state
 PUSH_EVERY = 0.1                  # seconds: at most this many pushes of it per second
 SNAPSHOT_TASKS = 50               # queued/running tasks included in a push
 RECORD_SIZE = 10000               # finished tasks kept for /lb/tasks
 OBJECT_INFO_EVERY = 12            # health checks between refreshes of a peer's /object_info
-PUMP_SCAN = 1000
-AFFINITY_LOOKAHEAD = 64
-PREFETCH_MAX = 32 << 20           # outputs larger than this are relayed on demand, not copied ahead           # queued tasks a warm peer looks through for one using its models                  # queued tasks looked at per dispatch for one a free peer may run
+PUMP_SCAN = 1000                  # queued tasks looked at per dispatch for one a free peer may run
+AFFINITY_LOOKAHEAD = 64           # queued tasks a warm peer looks through for one using its models
+PREFETCH_MAX = 32 << 20           # outputs larger than this are relayed on demand, not copied ahead
 # Events the coordinator keeps for a history entry it must write itself.
 _STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
-
-class Cluster:
+class Cluster(Recovery):
     def __init__(self, cfg: Config, hub: Hub, store: InputStore, db: Store | None = None) -> None:
         self.cfg = cfg
         self.db = db or Store(None)
@@ -378,54 +374,6 @@ class Cluster:
             self.changed()
             self.spawn(self._send(task, peer))
 
-    def _steal_for(self, idle: list[Peer]) -> None:
-        """Nothing waits here but a peer is idle: take back a prompt still waiting in a
-        busy peer's own queue, so a fast GPU is not left idle while a slow one holds a
-        queue.  Only prompts that have not started are taken, checked with the peer."""
-        for thief in idle:
-            best = None
-            for victim in self.peers.values():
-                if victim is thief or victim.running is None:
-                    continue
-                waiting = [t for t in victim.inflight.values() if t.state == DISPATCHED and not t.stealing
-                           and thief.matches(t.targets) and thief.can_run(t.req)]
-                if not waiting:
-                    continue
-                # It starts there only after the running prompt and those ahead of it.
-                wait = len(victim.inflight) * (victim.job_time or 1.0)
-                if thief.job_time and thief.job_time >= wait:
-                    continue
-                task = max(waiting, key=lambda t: (t.number, t.seq))  # the one that would wait longest
-                if best is None or wait > best[0]:
-                    best = (wait, victim, task)
-            if best is not None:
-                _, victim, task = best
-                task.stealing = True
-                self.spawn(self._steal(task, victim))
-
-    async def _steal(self, task: Task, victim: Peer) -> None:
-        try:
-            await victim.post_json("/queue", {"delete": [task.prompt_id]})
-            q = await victim.get_json("/queue")
-        except PeerError as e:
-            log.debug("could not take %s back from %s: %s", task.prompt_id, victim.name, e)
-            return
-        finally:
-            task.stealing = False
-        held = {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key, [])
-                if isinstance(item, list) and len(item) > 1}
-        if task.prompt_id in held or task.state != DISPATCHED or victim.tasks.get(task.prompt_id) is not task:
-            return  # it started there meanwhile: leave it
-        victim.forget(task.prompt_id)
-        _outcome(task, "taken back for an idle peer")
-        task.attempts -= 1  # not a failure: it never ran
-        self.counts["rebalanced"] += 1
-        log.info("%s: taken back from %s's queue for an idle peer", task.prompt_id, victim.name)
-        self.queue.push(task, keep_seq=True)
-        task.peer = None
-        self.db.update_task(task)
-        self.pump()
-
     def _warm_alternative(self, task: Task, peer: Peer) -> Task:
         """Model affinity from the peer's side: a peer about to load other models takes a
         queued task that uses the models it already has instead — but only when another
@@ -513,76 +461,6 @@ class Cluster:
         self.changed()
         self.spawn(self._recover_after(peer))
         self.spawn(self.broadcast_status())
-
-    async def _recover_after(self, peer: Peer) -> None:
-        """A peer that stays unreachable (link down) or stalled (failing its health checks)
-        for retry_interval loses its prompts to other peers."""
-        await asyncio.sleep(self.cfg.queue.retry_interval)
-        if peer.linked and peer.health.state != UNHEALTHY:
-            return  # it came back: on_link_up reconciles
-        reason = peer.link_error if not peer.linked else f"unhealthy: {peer.health.last_error}"
-        for task in list(peer.tasks.values()):
-            peer.forget(task.prompt_id)
-            peer.abandoned.add(task.prompt_id)
-            await self._retry_or_fail(task, f"peer {peer.name} was lost ({reason})")
-
-    async def _drop_abandoned(self, peer: Peer) -> None:
-        """A peer back from the dead may still hold prompts that went elsewhere: take them
-        out of its queue (their results would be dropped anyway)."""
-        ids, peer.abandoned = list(peer.abandoned), set()
-        if not ids:
-            return
-        try:
-            await peer.post_json("/queue", {"delete": ids})
-            q = await peer.get_json("/queue")
-            for item in q.get("queue_running", []):
-                if isinstance(item, list) and len(item) > 1 and item[1] in ids:
-                    await peer.post_json("/interrupt", {"prompt_id": item[1]})
-            log.info("peer %s: dropped %d prompt(s) that ran elsewhere meanwhile", peer.name, len(ids))
-        except PeerError as e:
-            peer.abandoned.update(ids)
-            log.warning("peer %s: could not drop stale prompts: %s", peer.name, e)
-
-    async def _retry_or_fail(self, task: Task, reason: str) -> None:
-        if task.attempts > self.cfg.queue.max_retries:
-            log.error("giving up on %s after %d attempts: %s", task.prompt_id, task.attempts, reason)
-            await self._fail(task, {
-                "prompt_id": task.prompt_id, "node_id": None, "node_type": None, "executed": [],
-                "exception_message": f"{reason}; gave up after {task.attempts} attempts "
-                                     f"(queue.max_retries = {self.cfg.queue.max_retries})",
-                "exception_type": "comfylb.PeerLost", "traceback": [], "current_inputs": {},
-                "current_outputs": [], "timestamp": _now_ms()})
-            return
-        log.warning("%s: %s; dispatching it again (attempt %d)", task.prompt_id, reason, task.attempts + 1)
-        _outcome(task, "lost: " + reason)
-        task.messages.clear()
-        self._requeue(task)
-
-    async def _reconcile(self, peer: Peer) -> None:
-        """After a reconnect: finish what the peer finished while we were away and take
-        back what it no longer has."""
-        for task in list(peer.tasks.values()):
-            pid = task.prompt_id
-            try:
-                hist = await peer.get_json(f"/history/{pid}")
-                queue = await peer.get_json("/queue") if pid not in hist else {}
-            except PeerError:
-                return  # the link will drop again and _recover_after takes over
-            if peer.tasks.get(pid) is not task:
-                continue
-            if pid in hist:
-                messages = ((hist[pid].get("status") or {}).get("messages")) or []
-                if messages and messages[-1][0] in TERMINAL_EVENTS:
-                    peer.release(pid)
-                    await self.relay.json(task.client_id, messages[-1][0], messages[-1][1])
-                await self._finish(task, peer)
-                continue
-            held = {item[1] for key in ("queue_running", "queue_pending") for item in queue.get(key, [])
-                    if isinstance(item, list) and len(item) > 1}
-            if pid not in held:
-                peer.forget(pid)
-                await self._retry_or_fail(task, f"peer {peer.name} no longer has it")
-        self.pump()
 
     async def _refresh_object_info(self, peer: Peer) -> None:
         try:
@@ -867,10 +745,6 @@ def _rejection_message(task: Task, peer: str, status: int, body: Any) -> dict:
             "exception_type": "comfylb.PeerRejected", "traceback": [], "current_inputs": {},
             "current_outputs": [], "timestamp": _now_ms()}
 
-
-def _outcome(task: Task, outcome: str) -> None:
-    if task.attempt_log and task.attempt_log[-1]["outcome"] is None:
-        task.attempt_log[-1]["outcome"] = outcome
 
 
 def _log_crash(t: asyncio.Task) -> None:

@@ -659,14 +659,11 @@ class Cluster(Recovery):
 
     async def _delete_on_peer(self, task: Task, peer: Peer) -> None:
         try:
-            await peer.post_json("/queue", {"delete": [task.prompt_id]})
-            q = await peer.get_json("/queue")
+            started = await peer.withdraw([task.prompt_id])
         except PeerError as e:
             log.warning("peer %s: could not delete %s: %s", peer.name, task.prompt_id, e)
             return
-        still = {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key, [])
-                 if isinstance(item, list) and len(item) > 1}
-        if task.prompt_id not in still and task.state == DISPATCHED and peer.tasks.get(task.prompt_id) is task:
+        if not started and task.state == DISPATCHED and peer.tasks.get(task.prompt_id) is task:
             peer.forget(task.prompt_id)
             self._cancelled(task)
 

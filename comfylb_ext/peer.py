@@ -244,6 +244,20 @@ class Peer:
             return "down"
         return self.health.state
 
+    async def held(self) -> tuple[set[str], set[str]]:
+        """(running, pending) prompt ids in the peer's own queue.  PeerError if unreachable."""
+        q = await self.get_json("/queue")
+        ids = {key: {item[1] for item in q.get(key, []) if isinstance(item, list) and len(item) > 1}
+               for key in ("queue_running", "queue_pending")}
+        return ids["queue_running"], ids["queue_pending"]
+
+    async def withdraw(self, prompt_ids: list[str]) -> set[str]:
+        """Delete prompts from the peer's queue; returns those it still holds (they had
+        started).  PeerError if unreachable."""
+        await self.post_json("/queue", {"delete": prompt_ids})
+        running, pending = await self.held()
+        return (running | pending) & set(prompt_ids)
+
     def describe(self) -> dict:
         return {"status": self.status,
             "name": self.name, "url": self.url, "host": self.cfg.host, "port": self.cfg.port,

@@ -36,11 +36,8 @@ class Recovery:
         if not ids:
             return
         try:
-            await peer.post_json("/queue", {"delete": ids})
-            q = await peer.get_json("/queue")
-            for item in q.get("queue_running", []):
-                if isinstance(item, list) and len(item) > 1 and item[1] in ids:
-                    await peer.post_json("/interrupt", {"prompt_id": item[1]})
+            for pid in await peer.withdraw(ids):  # still there: it is running them
+                await peer.post_json("/interrupt", {"prompt_id": pid})
             log.info("peer %s: dropped %d prompt(s) that ran elsewhere meanwhile", peer.name, len(ids))
         except PeerError as e:
             peer.abandoned.update(ids)
@@ -68,7 +65,7 @@ class Recovery:
             pid = task.prompt_id
             try:
                 hist = await peer.get_json(f"/history/{pid}")
-                queue = await peer.get_json("/queue") if pid not in hist else {}
+                running, pending = await peer.held() if pid not in hist else (set(), set())
             except PeerError:
                 return  # the link will drop again and _recover_after takes over
             if peer.tasks.get(pid) is not task:
@@ -80,9 +77,7 @@ class Recovery:
                     await self.relay.json(task.client_id, messages[-1][0], messages[-1][1])
                 await self._finish(task, peer)
                 continue
-            held = {item[1] for key in ("queue_running", "queue_pending") for item in queue.get(key, [])
-                    if isinstance(item, list) and len(item) > 1}
-            if pid not in held:
+            if pid not in running | pending:
                 peer.forget(pid)
                 await self._retry_or_fail(task, f"peer {peer.name} no longer has it")
         self.pump()
@@ -114,16 +109,13 @@ class Recovery:
 
     async def _steal(self, task: Task, victim: Peer) -> None:
         try:
-            await victim.post_json("/queue", {"delete": [task.prompt_id]})
-            q = await victim.get_json("/queue")
+            started = await victim.withdraw([task.prompt_id])
         except PeerError as e:
             log.debug("could not take %s back from %s: %s", task.prompt_id, victim.name, e)
             return
         finally:
             task.stealing = False
-        held = {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key, [])
-                if isinstance(item, list) and len(item) > 1}
-        if task.prompt_id in held or task.state != DISPATCHED or victim.tasks.get(task.prompt_id) is not task:
+        if started or task.state != DISPATCHED or victim.tasks.get(task.prompt_id) is not task:
             return  # it started there meanwhile: leave it
         victim.forget(task.prompt_id)
         _outcome(task, "taken back for an idle peer")

@@ -156,7 +156,7 @@ class Cluster(Recovery):
         """Everything the panel shows, in one message."""
         return {"stats": self.stats(), "backends": [p.describe() for p in self.peers.values()],
                 "scheduler": self.scheduler_info(),
-                "queue": [t.summary() for t in self.live_tasks()[:SNAPSHOT_TASKS]]}
+                "queue": [t.summary() for t in self.live_tasks(SNAPSHOT_TASKS)]}
 
     def stats(self) -> dict:
         return {
@@ -173,10 +173,12 @@ class Cluster(Recovery):
         return {"strategy": self.sched.strategy, "prefer_idle": self.sched.prefer_idle,
                 "strategies": list(STRATEGIES)}
 
-    def live_tasks(self) -> list[Task]:
+    def live_tasks(self, limit: int) -> list[Task]:
+        """The first `limit` unfinished tasks: on peers first, then the queue in order.
+        Pushed up to ten times a second, so the queue is not sorted whole."""
         running = [t for t in self.tasks.values() if t.state in (RUNNING, DISPATCHED)]
         running.sort(key=lambda t: (t.state != RUNNING, t.number, t.seq))
-        return running + list(self.queue)
+        return running[:limit] + list(itertools.islice(self.queue.ordered(), max(0, limit - len(running))))
 
     def _remember(self, task: Task) -> None:
         self.record[task.prompt_id] = task
@@ -658,13 +660,7 @@ class Cluster(Recovery):
         self.pump()
 
     async def _delete_on_peer(self, task: Task, peer: Peer) -> None:
-        try:
-            started = await peer.withdraw([task.prompt_id])
-        except PeerError as e:
-            log.warning("peer %s: could not delete %s: %s", peer.name, task.prompt_id, e)
-            return
-        if not started and task.state == DISPATCHED and peer.tasks.get(task.prompt_id) is task:
-            peer.forget(task.prompt_id)
+        if await self._withdraw(task, peer):
             self._cancelled(task)
 
     def _cancelled(self, task: Task) -> None:

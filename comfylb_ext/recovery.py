@@ -107,17 +107,27 @@ class Recovery:
                 task.stealing = True
                 self.spawn(self._steal(task, victim))
 
+    async def _withdraw(self, task: Task, peer: Peer) -> bool:
+        """Take a dispatched task that has not started out of its peer's queue.  True when
+        it is ours again (no longer counted on the peer); False if it started meanwhile or
+        the peer could not be asked."""
+        try:
+            started = await peer.withdraw([task.prompt_id])
+        except PeerError as e:
+            log.warning("peer %s: could not take %s out of its queue: %s", peer.name, task.prompt_id, e)
+            return False
+        if started or task.state != DISPATCHED or peer.tasks.get(task.prompt_id) is not task:
+            return False
+        peer.forget(task.prompt_id)
+        return True
+
     async def _steal(self, task: Task, victim: Peer) -> None:
         try:
-            started = await victim.withdraw([task.prompt_id])
-        except PeerError as e:
-            log.debug("could not take %s back from %s: %s", task.prompt_id, victim.name, e)
-            return
+            taken = await self._withdraw(task, victim)
         finally:
             task.stealing = False
-        if started or task.state != DISPATCHED or victim.tasks.get(task.prompt_id) is not task:
+        if not taken:
             return  # it started there meanwhile: leave it
-        victim.forget(task.prompt_id)
         _outcome(task, "taken back for an idle peer")
         task.attempts -= 1  # not a failure: it never ran
         self.counts["rebalanced"] += 1
@@ -126,7 +136,6 @@ class Recovery:
         task.peer = None
         self.db.update_task(task)
         self.pump()
-
 
 def _now_ms() -> int:
     return int(time.time() * 1000)

@@ -122,22 +122,6 @@ class TaskQueue:
             if task is not None and task.seq == seq:
                 yield task
 
-    def first(self) -> Task | None:
-        while self._heap:
-            number, seq, pid = self._heap[0]
-            task = self._tasks.get(pid)
-            if task is not None and task.seq == seq:
-                return task
-            heapq.heappop(self._heap)
-        return None
-
-    def pop(self) -> Task | None:
-        task = self.first()
-        if task is not None:
-            heapq.heappop(self._heap)
-            del self._tasks[task.prompt_id]
-        return task
-
     def clear(self) -> list[Task]:
         tasks = list(self._tasks.values())
         self._tasks.clear()

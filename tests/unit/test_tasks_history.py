@@ -18,7 +18,9 @@ def test_queue_priority_front_and_removal():
         q.push(task(pid, number))
     assert [t.prompt_id for t in q] == ["c", "a", "b", "d"]
     assert q.remove("a").prompt_id == "a"
-    assert q.pop().prompt_id == "c" and q.pop().prompt_id == "b"
+    assert [t.prompt_id for t in q.ordered()] == ["c", "b", "d"]
+    assert q.remove("c").prompt_id == "c" and next(q.ordered()).prompt_id == "b"
+    q.remove("b")
     assert len(q) == 1 and "d" in q
 
 
@@ -27,9 +29,9 @@ def test_requeued_task_keeps_its_place():
     first, second = task("a", 0), task("b", 1)
     q.push(first)
     q.push(second)
-    assert q.pop() is first
+    assert q.remove("a") is first
     q.push(first, keep_seq=True)
-    assert q.pop() is first
+    assert next(q.ordered()) is first
 
 
 def test_queue_item_hides_credentials():

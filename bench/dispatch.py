@@ -86,25 +86,17 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="comfylb-bench-"))
     env = procs.comfyui_env()
     peers = [procs.start_comfyui(env, f"peer{i}", work) for i in range(args.peers)]
-    lb = None
     try:
         for p in peers:
             p.wait_ready("/system_stats", 180)
-        from tests.conftest import wait_backends
         await run_direct(peers, [0.05] * args.peers)  # warm-up: first prompts load nodes
         d_wall, d_gaps = await run_direct(peers, durations)
         results = []
         for max_queue in (1, 2):
-            lb = procs.start_balancer(work, f"lb{max_queue}", [{"name": p.name, "port": p.port,
-                                                                 "max_queue": max_queue} for p in peers])
-            lb.wait_ready("/system_stats", 30)
-            wait_backends(lb, {p.name for p in peers})
-            results.append((f"comfylb/{max_queue}", *await run_lb(lb, peers, durations)))
-            lb.stop()
-            lb = None
+            with procs.running_balancer(work, f"lb{max_queue}", [{"name": p.name, "port": p.port,
+                                                                    "max_queue": max_queue} for p in peers]) as lb:
+                results.append((f"comfylb/{max_queue}", *await run_lb(lb, peers, durations)))
     finally:
-        if lb:
-            lb.stop()
         for p in peers:
             p.stop()
     print(f"{args.prompts} TestSleep prompts of 0.3-1.5 s over {args.peers} real ComfyUI peers; "

@@ -27,7 +27,6 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests import procs  # noqa: E402
 from tests.client import Client, invert_prompt, sleep_prompt  # noqa: E402
-from tests.conftest import wait_backends  # noqa: E402
 
 
 def noise_png(side: int) -> bytes:
@@ -86,7 +85,7 @@ async def main() -> None:
                                      storage={"dir": str(work / "relay-data"), "view_cache_mb": 0})
         for b in (lb, relay_lb):
             b.wait_ready("/system_stats", 30)
-            wait_backends(b, {"peer"})
+            procs.wait_backends(b, {"peer"})
         lb_post, direct_post = await post_latency(lb.url, peer.url, args.n)
 
         image = noise_png(1200)

@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,33 +46,11 @@ def peer_backend(p: procs.Proc, **kw) -> dict:
     return {"name": p.name, "host": "127.0.0.1", "port": p.port, **kw}
 
 
-def wait_backends(lb: procs.Proc, names: set[str], timeout: float = 60) -> None:
-    """Until the balancer reports every named peer available (linked and healthy)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(lb.url + "/lb/backends", timeout=2) as r:
-                got = {b["name"] for b in json.load(r)["backends"] if b["available"]}
-            if names <= got:
-                return
-        except OSError:
-            pass
-        if lb.popen.poll() is not None:
-            raise RuntimeError(f"balancer exited; log:\n{lb.tail()}")
-        time.sleep(0.1)
-    raise RuntimeError(f"peers {names} not available in time; log:\n{lb.tail()}")
-
-
 @pytest.fixture(scope="session")
 def balancer(peers, workdir):
     """The standalone balancer, as a user starts it, over the first two real peers."""
-    lb = procs.start_balancer(workdir, "lb", [peer_backend(p, max_queue=2) for p in peers[:2]])
-    try:
-        lb.wait_ready("/system_stats", 30)
-        wait_backends(lb, {p.name for p in peers[:2]})
+    with procs.running_balancer(workdir, "lb", [peer_backend(p, max_queue=2) for p in peers[:2]]) as lb:
         yield lb
-    finally:
-        lb.stop()
 
 
 def coordinator(comfy_env, workdir, name: str, config: dict | None) -> procs.Proc:
@@ -107,8 +83,8 @@ def coordinators(comfy_env, workdir, peers):
     try:
         with ThreadPoolExecutor(len(started)) as pool:
             list(pool.map(lambda p: p.wait_ready("/system_stats", 180), started.values()))
-        wait_backends(started["coord"], {peers[0].name, peers[1].name})
-        wait_backends(started["coord_local"], {peers[2].name, "local"})
+        procs.wait_backends(started["coord"], {peers[0].name, peers[1].name})
+        procs.wait_backends(started["coord_local"], {peers[2].name, "local"})
         yield started
     finally:
         for p in started.values():

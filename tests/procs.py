@@ -1,6 +1,7 @@
 """Real processes for the integration tests: ComfyUI peers and the standalone balancer."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,6 +133,35 @@ def start_balancer(workdir: Path, name: str, backends: list[dict], **sections) -
     log = workdir / f"{name}.log"
     proc = Proc(name, port, _spawn(argv, log, str(REPO)), log, argv=argv, cwd=str(REPO))
     return proc
+
+
+def wait_backends(lb: Proc, names: set[str], timeout: float = 60) -> None:
+    """Until the balancer reports every named peer available (linked and healthy)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(lb.url + "/lb/backends", timeout=2) as r:
+                got = {b["name"] for b in json.load(r)["backends"] if b["available"]}
+            if names <= got:
+                return
+        except OSError:
+            pass
+        if lb.popen.poll() is not None:
+            raise RuntimeError(f"balancer exited; log:\n{lb.tail()}")
+        time.sleep(0.1)
+    raise RuntimeError(f"peers {names} not available in time; log:\n{lb.tail()}")
+
+
+@contextlib.contextmanager
+def running_balancer(workdir: Path, name: str, backends: list[dict], **sections):
+    """The standalone balancer, started as a user starts it, once every peer is available."""
+    lb = start_balancer(workdir, name, backends, **sections)
+    try:
+        lb.wait_ready("/system_stats", 30)
+        wait_backends(lb, {b["name"] for b in backends})
+        yield lb
+    finally:
+        lb.stop()
 
 
 def load_workflow(name: str) -> dict:

@@ -10,7 +10,7 @@ import pytest
 
 from tests import procs
 from tests.client import Client, invert_prompt, sleep_prompt
-from tests.conftest import peer_backend, wait_backends
+from tests.conftest import peer_backend
 from tests.integration.test_client_api import ran_on
 
 pytestmark = pytest.mark.real
@@ -22,14 +22,9 @@ HC = {"interval": 1.0, "timeout": 1.0, "unhealthy_threshold": 2, "healthy_thresh
 @pytest.fixture(scope="module")
 def ops_lb(peers, workdir):
     """A balancer for operators' tests: two peers to start with, the third added later."""
-    lb = procs.start_balancer(workdir, "ops", [peer_backend(p, max_queue=2) for p in peers[:2]],
-                              health_check=HC, scheduler={"strategy": "least_busy", "prefer_idle": False})
-    try:
-        lb.wait_ready("/system_stats", 30)
-        wait_backends(lb, {p.name for p in peers[:2]})
+    with procs.running_balancer(workdir, "ops", [peer_backend(p, max_queue=2) for p in peers[:2]],
+                                health_check=HC, scheduler={"strategy": "least_busy", "prefer_idle": False}) as lb:
         yield lb
-    finally:
-        lb.stop()
 
 
 def backend_state(snapshot: dict, name: str) -> dict | None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests import procs
 from tests.client import Client, invert_prompt, sleep_prompt
-from tests.conftest import peer_backend, wait_backends
+from tests.conftest import peer_backend
 
 pytestmark = pytest.mark.real
 log = logging.getLogger(__name__)
@@ -26,12 +26,9 @@ FAST = {"health_check": {"interval": 1.0, "timeout": 1.0, "unhealthy_threshold":
 
 @pytest.fixture
 def fault_lb(peers, workdir, request):
-    lb = procs.start_balancer(workdir, f"faults-{request.node.name[:30]}",
-                              [peer_backend(p, max_queue=1) for p in peers], **FAST)
-    lb.wait_ready("/system_stats", 30)
-    wait_backends(lb, {p.name for p in peers})
-    yield lb
-    lb.stop()
+    with procs.running_balancer(workdir, f"faults-{request.node.name[:30]}",
+                                [peer_backend(p, max_queue=1) for p in peers], **FAST) as lb:
+        yield lb
 
 
 def report(name: str, runs, workdir) -> dict:
@@ -49,6 +46,15 @@ def report(name: str, runs, workdir) -> dict:
     return figures
 
 
+async def through_fault(c: Client, n: int, prefix: str, fault) -> list:
+    """Queue n one-second prompts, cause `fault` once three are running, wait for all."""
+    runs = [(await c.queue(sleep_prompt(1.0, prefix)))[2] for _ in range(n)]
+    await c.until(lambda: sum("execution_start" in r.types() for r in runs) >= 3, 60)
+    fault()
+    await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs)), 180)
+    return runs
+
+
 async def ensure_up(peer: procs.Proc) -> None:
     if peer.popen.poll() is not None:
         peer.restart()
@@ -59,10 +65,7 @@ async def test_peer_killed_with_prompts_running_and_queued(fault_lb, peers, work
     victim = peers[2]
     try:
         async with Client(fault_lb.url) as c:
-            runs = [(await c.queue(sleep_prompt(1.0, "kill")))[2] for _ in range(12)]
-            await c.until(lambda: sum("execution_start" in r.types() for r in runs) >= 3, 60)
-            victim.signal(signal.SIGKILL)
-            await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs)), 180)
+            runs = await through_fault(c, 12, "kill", lambda: victim.signal(signal.SIGKILL))
             figures = report("peer kill -9", runs, workdir)
             assert figures["completed"] == 12 and figures["lost"] == 0 and figures["duplicated"] == 0
             _, stats = await c.get("/lb/stats")
@@ -77,10 +80,7 @@ async def test_peer_stalled_then_resumed(fault_lb, peers, workdir):
     victim = peers[1]
     try:
         async with Client(fault_lb.url) as c:
-            runs = [(await c.queue(sleep_prompt(1.0, "stall")))[2] for _ in range(9)]
-            await c.until(lambda: sum("execution_start" in r.types() for r in runs) >= 3, 60)
-            victim.signal(signal.SIGSTOP)
-            await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs)), 180)
+            runs = await through_fault(c, 9, "stall", lambda: victim.signal(signal.SIGSTOP))
             victim.signal(signal.SIGCONT)
             figures = report("peer SIGSTOP/SIGCONT", runs, workdir)
             assert figures["completed"] == 9 and figures["lost"] == 0 and figures["duplicated"] == 0

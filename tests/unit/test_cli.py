@@ -26,11 +26,9 @@ async def test_demo_runs_a_prompt_and_stops_cleanly_on_signal(demo, sig):
     await asyncio.to_thread(demo.wait_ready, "/system_stats", 30)
     assert "SIMULATED" in demo.log.read_text()
     async with Client(demo.url) as c:
-        for _ in range(100):  # the simulated peers link within milliseconds of start
-            _, backends = await c.get("/lb/backends")
-            if all(b["available"] for b in backends["backends"]):
-                break
-            await asyncio.sleep(0.05)
+        _, now = await c.get("/lb/status")
+        if not all(b["available"] for b in now["backends"]):  # else the next push says so
+            await c.wait_event("comfylb.status", lambda d: all(b["available"] for b in d["backends"]), 30)
         run = await c.run(invert_prompt())
         assert "execution_success" in run.types()
     demo.signal(sig)

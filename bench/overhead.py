@@ -4,7 +4,9 @@
 
 - POST /prompt latency (ComfyLB answers once the prompt is queued; ComfyUI once validated
   and queued);
-- GET /view of a ~4 MB image: throughput through ComfyLB's stream against direct;
+- GET /view of a ~4 MB image against the peer's own /view: the first view, asked the
+  moment `executed` arrives (what the web UI does); later views, served from the copy
+  ComfyLB took; and every view relayed from the peer, as with `view_cache_mb: 0`;
 - websocket relay: from the peer's own timestamp on execution_start/execution_success to
   the client receiving it, through ComfyLB against a client on the peer itself.
 Runs interleave so machine noise hits both sides alike; prints ratios.
@@ -55,8 +57,8 @@ async def post_latency(url_lb: str, url_peer: str, n: int) -> tuple[list[float],
     return lb, direct
 
 
-async def view_throughput(urls: list[str], params: dict, size: int, n: int) -> list[float]:
-    """Median MB/s of each URL's /view, the URLs taking turns."""
+async def view_times(urls: list[str], params: dict, size: int, n: int) -> dict[str, list[float]]:
+    """Seconds for each URL's /view of the same file, the URLs taking turns."""
     times: dict[str, list[float]] = {u: [] for u in urls}
     async with aiohttp.ClientSession() as s:
         for _ in range(n):
@@ -66,7 +68,45 @@ async def view_throughput(urls: list[str], params: dict, size: int, n: int) -> l
                     body = await r.read()
                 assert r.status == 200 and len(body) == size
                 times[url].append(time.perf_counter() - t0)
-    return [size / p50(times[u]) / 1e6 for u in urls]
+    return times
+
+
+def save_prompt(i: int) -> dict:
+    # a new prefix each round: SaveImage runs again (not served from ComfyUI's cache) and
+    # writes a new file
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": f"big{i}"}}}
+
+
+async def first_view_times(urls: list[str], rounds: int) -> dict[str, list[float]]:
+    """Seconds from a new image's `executed` event to having all of it, per URL in turns."""
+    times: dict[str, list[float]] = {u: [] for u in urls}
+    clients = [Client(u) for u in urls]
+    async with aiohttp.ClientSession() as s:
+        for c in clients:
+            await c.__aenter__()
+        try:
+            for i in range(rounds):
+                for url, c in zip(urls, clients):
+                    _, _, run = await c.queue(save_prompt(i))
+                    await c.until(lambda: "executed" in run.types())
+                    image = run.first("executed")["output"]["images"][0]
+                    t0 = time.perf_counter()
+                    async with s.get(url + "/view", params=image) as r:
+                        body = await r.read()
+                    times[url].append(time.perf_counter() - t0)
+                    assert r.status == 200 and len(body) > 1e6
+                    await run.done.wait()
+        finally:
+            for c in clients:
+                await c.__aexit__(None, None, None)
+    return times
+
+
+def ratio(times: dict[str, list[float]], url: str, direct: str) -> float:
+    """Throughput through `url` over direct: the median of the rounds' ratios, each
+    round's pair taken moments apart so machine noise hits both alike."""
+    return statistics.median(d / t for d, t in zip(times[direct], times[url]))
 
 
 async def main() -> None:
@@ -89,20 +129,21 @@ async def main() -> None:
         lb_post, direct_post = await post_latency(lb.url, peer.url, args.n)
 
         image = noise_png(1200)
-        async with Client(lb.url) as c:
+        for base in (lb.url, peer.url):
             form = aiohttp.FormData()
-            form.add_field("image", image, filename="noise.png")
-            await c.post("/upload/image", data=form)
-            run = await c.run({"1": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
-                               "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "big"}}})
-            out = run.first("executed")["output"]["images"][0]
+            form.add_field("image", image, filename="noise.png", content_type="image/png")
+            async with aiohttp.ClientSession() as s:
+                async with s.post(base + "/upload/image", data=form) as r:
+                    assert r.status == 200
+        first = await first_view_times([lb.url, peer.url], 30)
+        async with Client(lb.url) as c:
+            out = (await c.run(save_prompt(-1))).first("executed")["output"]["images"][0]
+        async with Client(relay_lb.url) as c:  # ComfyUI serves the same prompt from its cache, same file
+            assert (await c.run(save_prompt(-1))).first("executed")["output"]["images"][0] == out
         async with aiohttp.ClientSession() as s:
             async with s.get(peer.url + "/view", params=out) as r:
                 size = len(await r.read())
-        async with Client(relay_lb.url) as c:  # let the relaying balancer learn where the file is
-            await c.run({"1": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
-                         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "big"}}})
-        lb_mbs, relay_mbs, direct_mbs = await view_throughput([lb.url, relay_lb.url, peer.url], out, size, 60)
+        views = await view_times([lb.url, relay_lb.url, peer.url], out, size, 100)
 
         relay = {}
         for name, base in (("comfylb", lb.url), ("direct", peer.url)):
@@ -120,8 +161,10 @@ async def main() -> None:
         peer.stop()
     print(f"POST /prompt p50: comfylb {p50(lb_post):.2f} ms, direct {p50(direct_post):.2f} ms "
           f"(added {p50(lb_post) - p50(direct_post):+.2f} ms, ratio {p50(lb_post) / p50(direct_post):.2f})")
-    print(f"GET /view {size / 1e6:.1f} MB: relayed from the peer {relay_mbs:.0f} MB/s (ratio {relay_mbs / direct_mbs:.2f}), "
-          f"from the copy comfylb took when the peer announced it {lb_mbs:.0f} MB/s (ratio {lb_mbs / direct_mbs:.2f}), direct {direct_mbs:.0f} MB/s")
+    print(f"GET /view {size / 1e6:.1f} MB, throughput through comfylb / direct (p50 direct "
+          f"{size / p50(views[peer.url]) / 1e6:.0f} MB/s): first view at `executed` {ratio(first, lb.url, peer.url):.2f}, "
+          f"later views {ratio(views, lb.url, peer.url):.2f}, "
+          f"every view relayed (view_cache_mb 0) {ratio(views, relay_lb.url, peer.url):.2f}")
     print(f"websocket relay, peer timestamp to client: comfylb p50 {p50(relay['comfylb']):.1f} ms, "
           f"direct p50 {p50(relay['direct']):.1f} ms (added {p50(relay['comfylb']) - p50(relay['direct']):+.1f} ms)")
 

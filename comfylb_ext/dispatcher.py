@@ -25,7 +25,6 @@ from .health import HealthChecker
 from .history import History
 from .metrics import Metrics
 from .recovery import TERMINAL_EVENTS, Recovery, _now_ms, _outcome
-from .viewcache import ViewCache
 from .peer import Peer, PeerError
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview
 from .scheduler import SchedulerState, pick
@@ -33,6 +32,7 @@ from .store import Store
 from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, Task,
                     TaskQueue)
 from .uploads import InputStore
+from .viewcache import Copies, Copy, ViewCache
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class Cluster(Recovery):
         self.metrics = Metrics(self)
         self.view_cache = ViewCache(Path(cfg.storage.dir) / "view-cache" if self.db.path != ":memory:" else None,
                                     cfg.storage.view_cache_mb << 20)
+        self.copies = Copies(self.view_cache, PREFETCH_MAX)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -539,9 +540,11 @@ class Cluster(Recovery):
                 if isinstance(item, dict) and isinstance(item.get("filename"), str):
                     key = (item.get("type") or "output", item.get("subfolder") or "", item["filename"])
                     if fresh:
-                        self.view_cache.invalidate(key[1], key[2])
-                        if key[0] == "output" and self.cfg.storage.prefetch_outputs and self.view_cache.enabled:
-                            self.spawn(self._prefetch(peer, key[1], key[2]))
+                        self.copies.forget(key[1], key[2])
+                    elif key[0] == "output" and self.cfg.storage.prefetch_outputs and self.view_cache.enabled:
+                        # not at `executed`: the client's own /view, which comes at once,
+                        # is then the one copy taken, streamed to it as it arrives
+                        self.spawn(self._prefetch(peer, key[1], key[2]))
                     if self.files.get(key) != peer.name:
                         self.files[key] = peer.name
                         rows.append((*key, peer.name))
@@ -549,25 +552,39 @@ class Cluster(Recovery):
             self.db.set_files(rows)
 
     async def _prefetch(self, peer: Peer, subfolder: str, filename: str) -> None:
-        """Copy a new output to the coordinator as soon as the peer announces it: the
-        client's /view is then served from local disk, and the image outlives its peer."""
+        """Copy a finished prompt's output that no client has asked for yet: later views
+        are then served from here, and the image outlives its peer."""
         async with peer.prefetching:
             if self.view_cache.get(subfolder, filename) is not None:
                 return
             try:
-                upstream = await peer.open_stream("GET", "/view?" + urlencode(
-                    {"filename": filename, "subfolder": subfolder, "type": "output"}))
+                copy, upstream = await self.output(peer, subfolder, filename)
             except PeerError:
                 return
-            try:
-                if upstream.status != 200 or (upstream.content_length or 0) > PREFETCH_MAX:
-                    return
-                body = await upstream.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                return
-            finally:
+            if upstream is not None and copy is not None:
+                await self.copies.fill(copy, upstream)
+            elif upstream is not None:
                 upstream.release()
-            await asyncio.to_thread(self.view_cache.put, subfolder, filename, body)
+
+    async def output(self, peer: Peer, subfolder: str, filename: str
+                     ) -> tuple[Copy, None] | tuple[Copy, aiohttp.ClientResponse] | tuple[None, aiohttp.ClientResponse]:
+        """An output file not on disk here: (copy, None), a copy on its way to follow
+        (once it is opened()); (copy, answer), a new copy the caller fills from the
+        peer's answer; (None, answer), a file not to be kept, to relay as it is."""
+        copy = self.copies.get(subfolder, filename)
+        if copy is not None:
+            return copy, None
+        copy = self.copies.start(subfolder, filename)
+        try:
+            upstream = await peer.open_stream("GET", "/view?" + urlencode(
+                {"filename": filename, "subfolder": subfolder, "type": "output"}))
+        except BaseException:
+            self.copies.drop(copy)
+            raise
+        if not self.copies.fits(upstream):
+            self.copies.drop(copy)
+            return None, upstream
+        return copy, upstream
 
     # -- history -----------------------------------------------------------------------
     def _add_history(self, prompt_id: str, entry: dict) -> None:
@@ -606,7 +623,9 @@ class Cluster(Recovery):
             ok = any(m[0] == "execution_success" for m in task.messages)
             entry["status"] = {"status_str": "success" if ok else "error", "completed": ok,
                                "messages": copy.deepcopy(task.messages)}
-        self._record_outputs(peer, entry.get("outputs") or {})
+        for node_outputs in (entry.get("outputs") or {}).values():  # history: by node, then kind
+            if isinstance(node_outputs, dict):
+                self._record_outputs(peer, node_outputs)
         ok = entry["status"].get("status_str") == "success"
         interrupted = any(m[0] == "execution_interrupted" for m in entry["status"].get("messages") or [])
         task.state = DONE if ok else CANCELLED if interrupted else FAILED

@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ class SimPeer:
         for t in TYPES:
             (root / t).mkdir(parents=True, exist_ok=True)
         self.sockets: dict[str, web.WebSocketResponse] = {}
+        self.views: Counter[str] = Counter()  # files served by /view, by path
         self.flags: dict[str, dict] = {}
         self.queue: list = []
         self.counter = itertools.count()
@@ -390,6 +392,7 @@ class SimPeer:
             path = self.root / (typ or q.get("type", "output")) / q.get("subfolder", "") / name
             if not path.is_file():
                 return web.Response(status=404)
+            self.views[str(path.relative_to(self.root))] += 1
             return web.FileResponse(path, headers={"Content-Disposition": f'filename="{name}"'})
 
         @r.post("/upload/image")

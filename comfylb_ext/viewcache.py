@@ -1,17 +1,23 @@
-"""Output images the coordinator has already relayed, kept on its disk.
+"""Copies of peers' output files on the coordinator: on its disk, and in flight.
 
 A peer's outputs never change once written (ComfyUI numbers new files, and every peer
-writes into its own subfolder), so the second `/view` of a file is served from here with
-sendfile — as fast as ComfyUI serving its own file — and still works after its peer is
-gone.  A file name produced again (a peer whose output folder was emptied starts its
-numbering over) drops the old copy.  Bounded: the oldest copies go first.
+writes into its own subfolder), so a file is copied once — as soon as its peer announces
+it — then served from here with sendfile, as fast as ComfyUI serving its own file, and
+still after its peer is gone.  A file name produced again (a peer whose output folder was
+emptied starts its numbering over) drops the old copy.  Bounded: the oldest copies go
+first.  A `/view` that arrives while its file is being copied reads the copy's bytes as
+they arrive instead of asking the peer a second time.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +50,23 @@ class ViewCache:
         path = self._path(subfolder, filename)
         return path if path is not None and path in self.sizes and path.is_file() else None
 
-    def put(self, subfolder: str, filename: str, body: bytes) -> None:
+    def put(self, subfolder: str, filename: str, chunks: list[bytes]) -> None:
         path = self._path(subfolder, filename)
-        if path is None or len(body) > self.limit:
+        size = sum(map(len, chunks))
+        if path is None or size > self.limit:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.part")
-            tmp.write_bytes(body)
+            with open(tmp, "wb") as f:
+                f.writelines(chunks)
             os.replace(tmp, path)
         except OSError as e:
             log.debug("not cached %s: %s", path, e)
             return
         with self._lock:
-            self.total += len(body) - self.sizes.pop(path, 0)
-            self.sizes[path] = len(body)
+            self.total += size - self.sizes.pop(path, 0)
+            self.sizes[path] = size
             while self.total > self.limit and self.sizes:
                 self.drop(next(iter(self.sizes)))
 
@@ -75,3 +83,124 @@ class ViewCache:
             path.unlink()
         except OSError:
             pass
+
+
+class Copy:
+    """One output on its way from its peer: the bytes so far, readable by any number of
+    `/view` requests while the rest arrives."""
+
+    def __init__(self, key: tuple[str, str]) -> None:
+        self.key = key
+        self.headers: dict[str, str] | None = None  # once the peer has answered
+        self.chunks: list[bytes] = []
+        self.done = False
+        self.ok = False
+        self._more = asyncio.Event()
+
+    def _wake(self) -> None:
+        self._more.set()
+        self._more = asyncio.Event()
+
+    def answered(self, upstream: aiohttp.ClientResponse) -> None:
+        self.headers = relay_headers(upstream)
+        self._wake()
+
+    async def opened(self) -> bool:
+        """Wait for the peer's answer: False if this copy was given up before it."""
+        while self.headers is None and not self.done:
+            await self._more.wait()
+        return self.headers is not None
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self._wake()
+
+    def finish(self, ok: bool) -> None:
+        self.done, self.ok = True, ok
+        self._wake()
+
+    async def read(self) -> AsyncIterator[bytes]:
+        """Every chunk, from the first; stops early if the peer broke off."""
+        i = 0
+        while True:
+            while i < len(self.chunks):
+                yield self.chunks[i]
+                i += 1
+            if self.done:
+                return
+            await self._more.wait()
+
+
+Sink = Callable[[bytes], Awaitable[None]]
+
+
+class Copies:
+    """Copies in flight, one per file; each lands in the ViewCache when complete."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, cache: ViewCache, max_size: int) -> None:
+        self.cache = cache
+        self.max_size = min(max_size, cache.limit)
+        self.inflight: dict[tuple[str, str], Copy] = {}
+
+    def get(self, subfolder: str, filename: str) -> Copy | None:
+        return self.inflight.get((subfolder, filename))
+
+    def fits(self, upstream: aiohttp.ClientResponse) -> bool:
+        return (self.cache.enabled and upstream.status == 200
+                and upstream.content_length is not None and upstream.content_length <= self.max_size)
+
+    def start(self, subfolder: str, filename: str) -> Copy:
+        """A new copy, before the peer is even asked: a second reader follows this one
+        instead of asking too.  Whoever starts it must fill() or drop() it."""
+        copy = self.inflight[(subfolder, filename)] = Copy((subfolder, filename))
+        return copy
+
+    def drop(self, copy: Copy) -> None:
+        """Give up a copy: its followers ask the peer themselves."""
+        copy.finish(False)
+        if self.inflight.get(copy.key) is copy:
+            del self.inflight[copy.key]
+
+    def forget(self, subfolder: str, filename: str) -> None:
+        """The peer wrote a new file under this name: copies of the old one are stale."""
+        self.inflight.pop((subfolder, filename), None)
+        self.cache.invalidate(subfolder, filename)
+
+    async def fill(self, copy: Copy, upstream: aiohttp.ClientResponse, sink: Sink | None = None) -> None:
+        """Read the peer's answer into the copy, then onto disk; `sink` (the client whose
+        request started the copy) gets each chunk as it arrives."""
+        ok = False
+        copy.answered(upstream)
+        try:
+            try:
+                async for chunk in upstream.content.iter_chunked(self.CHUNK):
+                    copy.add(chunk)
+                    if sink is None:
+                        await asyncio.sleep(0)  # let readers pass the chunk on before the next one
+                        continue
+                    try:
+                        await sink(chunk)
+                    except ConnectionError:
+                        sink = None  # that client left; the copy goes on for the others
+                ok = sum(map(len, copy.chunks)) == upstream.content_length
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                log.warning("copy of %s/%s broke off: %s", *copy.key, e)
+            finally:
+                upstream.release()
+                copy.finish(ok)
+            if ok and self.inflight.get(copy.key) is copy:
+                # on disk before it leaves `inflight`, so a reader always finds one or the other
+                await asyncio.to_thread(self.cache.put, *copy.key, copy.chunks)
+        finally:
+            if self.inflight.get(copy.key) is copy:
+                del self.inflight[copy.key]
+
+
+HOP_HEADERS = ("Content-Type", "Content-Disposition", "Content-Length", "Cache-Control", "Last-Modified", "ETag")
+
+
+def relay_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    """The headers of a peer's /view answer worth passing on."""
+    return {h: upstream.headers[h] for h in HOP_HEADERS if h in upstream.headers}

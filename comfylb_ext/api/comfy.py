@@ -15,14 +15,13 @@ from ..dispatcher import Cluster
 from ..peer import Peer, PeerError
 from ..uploads import TYPES, InputStore, UploadError, split_annotation
 from ..validation import _err, error_body
+from ..viewcache import Copies, Copy, relay_headers
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
-WHOLE_BODY = 32 << 20  # /view bodies up to this size are relayed in one piece, larger ones streamed
 _FORCE_DOWNLOAD = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
-_HOP_HEADERS = ("Content-Type", "Content-Disposition", "Content-Length", "Cache-Control", "Last-Modified", "ETag")
 
 
 def bad_request(message: str, details: str = "", typ: str = "invalid_request") -> web.Response:
@@ -35,6 +34,11 @@ def _file_headers(name: str) -> dict[str, str]:
     if ctype in _FORCE_DOWNLOAD:
         ctype = "application/octet-stream"
     return {"Content-Disposition": f'filename="{name}"', "Content-Type": ctype}
+
+
+def _unreachable(peer: Peer, e: Exception) -> web.Response:
+    log.warning("view from %s failed: %s", peer.name, e)
+    return web.Response(status=502, text=f"peer {peer.name} unreachable")
 
 
 def param(request: web.Request, name: str) -> str:
@@ -192,9 +196,18 @@ class ComfyApi:
             cached = self.cluster.view_cache.get(sub, base)
             if cached is not None:
                 return web.FileResponse(cached, headers=_file_headers(base))
+            if peer is not None and self.cluster.view_cache.enabled:
+                try:
+                    copy, upstream = await self.cluster.output(peer, sub, base)
+                except PeerError as e:
+                    return _unreachable(peer, e)
+                if copy is None:
+                    return await self._relay(request, peer, upstream)
+                if upstream is not None or await copy.opened():
+                    return await self._send_copy(request, copy, upstream)
+                # the copy it would have followed was not to be (too large, not there, …)
         if peer is not None:
-            return await self._proxy(request, peer, "/view?" + request.query_string,
-                                     cache_as=(sub, base) if typ == "output" and raw else None)
+            return await self._relay(request, peer, "/view?" + request.query_string)
         if self.own_files:
             return None
         stored = self.store.lookup(typ, sub, base)
@@ -210,34 +223,47 @@ class ComfyApi:
             await peer.deliver(stored, self.store.path_of(stored))
         except PeerError as e:
             return web.Response(status=502, text=str(e))
-        return await self._proxy(request, peer, "/view?" + request.query_string)
+        return await self._relay(request, peer, "/view?" + request.query_string)
 
-    async def _proxy(self, request: web.Request, peer: Peer, path: str,
-                     cache_as: tuple[str, str] | None = None) -> web.StreamResponse:
+    async def _send_copy(self, request: web.Request, copy: Copy,
+                         upstream: aiohttp.ClientResponse | None) -> web.StreamResponse:
+        """A file on its way from its peer, streamed as its bytes arrive; with `upstream`,
+        this request takes the copy, from the peer's answer."""
+        resp = web.StreamResponse(headers=relay_headers(upstream) if upstream is not None else copy.headers)
+
+        async def send(chunk: bytes) -> None:
+            if not resp.prepared:
+                await resp.prepare(request)
+            await resp.write(chunk)
+        if upstream is not None:
+            await self.cluster.copies.fill(copy, upstream, send)
+        else:
+            async for chunk in copy.read():
+                await send(chunk)
+        if not copy.ok:
+            if not resp.prepared:
+                return web.Response(status=502, text="the peer broke off")
+            resp.force_close()  # the client sees a short body, never a wrong one
+        return resp
+
+    async def _relay(self, request: web.Request, peer: Peer,
+                     upstream: str | aiohttp.ClientResponse) -> web.StreamResponse:
+        """The peer's answer, streamed through: its reading overlaps the client's."""
+        if isinstance(upstream, str):
+            try:
+                upstream = await peer.open_stream("GET", upstream)
+            except PeerError as e:
+                return _unreachable(peer, e)
         try:
-            upstream = await peer.open_stream("GET", path)
-        except PeerError as e:
-            log.warning("view from %s failed: %s", peer.name, e)
-            return web.Response(status=502, text=f"peer {peer.name} unreachable")
-        try:
-            headers = {h: upstream.headers[h] for h in _HOP_HEADERS if h in upstream.headers}
-            if (upstream.content_length or 0) <= WHOLE_BODY:
-                # Images are small: one read and one write beat a chunk loop's many awaits.
-                body = await upstream.read()
-                headers.pop("Content-Length", None)
-                if cache_as is not None and upstream.status == 200:
-                    # Written off the event loop, after the client has its bytes.
-                    self.cluster.spawn(asyncio.to_thread(self.cluster.view_cache.put, *cache_as, body))
-                return web.Response(status=upstream.status, body=body, headers=headers)
-            resp = web.StreamResponse(status=upstream.status, headers=headers)
+            resp = web.StreamResponse(status=upstream.status, headers=relay_headers(upstream))
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_chunked(1 << 20):
-                await resp.write(chunk)
-            await resp.write_eof()
+            try:
+                async for chunk in upstream.content.iter_chunked(Copies.CHUNK):
+                    await resp.write(chunk)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                log.warning("view from %s broke off: %s", peer.name, e)
+                resp.force_close()
             return resp
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            log.warning("view from %s broke off: %s", peer.name, e)
-            return web.Response(status=502, text=f"peer {peer.name} broke off")
         finally:
             upstream.release()
 

@@ -188,3 +188,19 @@ async def test_outputs_are_copied_ahead_and_outlive_their_peer():
             await sims[0].stop()
             status, body = await c.get("/view", params=image)
             assert status == 200 and body == direct
+
+
+async def test_views_the_moment_an_image_is_announced_share_one_transfer():
+    async with lb_over_sims(1, max_queue=1) as (url, sims, cluster):
+        async with Client(url) as c:
+            _, _, run = await c.queue(invert_prompt("shared"))
+            await c.until(lambda: "executed" in run.types())
+            image = run.first("executed")["output"]["images"][0]
+            path = f"output/{image['subfolder']}/{image['filename']}"
+            direct = (sims[0].sim.root / path).read_bytes()
+            views = await asyncio.gather(*(c.get("/view", params=image) for _ in range(3)))
+            assert views == [(200, direct)] * 3
+            await asyncio.wait_for(run.done.wait(), 10)
+            await wait_for(lambda: cluster.view_cache.get(image["subfolder"], image["filename"]) is not None)
+            assert await c.get("/view", params=image) == (200, direct)
+            assert sims[0].sim.views[path] == 1  # one transfer from the peer, copy at the finish included

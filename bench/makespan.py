@@ -50,11 +50,13 @@ async def main() -> None:
     durations = [round(rnd.uniform(0.3, 1.5), 2) for _ in range(args.prompts)]
     work = sum(durations)
 
-    async with lb_over_sims(3, max_queue=1) as (url, sims, cluster):
-        equal = await run_batch(url, [sleep_prompt(d) for d in durations])
     ideal = max(work / 3, max(durations))
-    print(f"1. equal peers, {args.prompts} prompts: makespan {equal:.2f} s, ideal {ideal:.2f} s, "
-          f"ratio {equal / ideal:.3f}")
+    equal = {}
+    for order in ("fifo", "longest_first"):
+        async with lb_over_sims(3, max_queue=1, scheduler={"order": order}) as (url, sims, cluster):
+            equal[order] = await run_batch(url, [sleep_prompt(d) for d in durations])
+    print(f"1. equal peers, {args.prompts} prompts: ideal {ideal:.2f} s; " + ", ".join(
+        f"order {k} {v:.2f} s (ratio {v / ideal:.3f})" for k, v in equal.items()))
 
     slow = [{"slowdown": 1.0}, {"slowdown": 2.0}, {"slowdown": 4.0}]
     ideal_u = max(work / (1 + 1 / 2 + 1 / 4), max(durations))

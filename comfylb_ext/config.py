@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STRATEGIES = ("least_busy", "round_robin", "weighted")
+ORDERS = ("fifo", "longest_first")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -36,6 +37,7 @@ class SchedulerConfig:
     strategy: str = "least_busy"
     prefer_idle: bool = True
     affinity: bool = True  # keep prompts on peers that already have their models loaded
+    order: str = "fifo"    # "longest_first": predicted longest prompts first, for batch makespan
 
 
 @dataclass
@@ -245,6 +247,8 @@ def _parse(raw: Any, source: str | None) -> Config:
         source=source,
     )
     check_port("server.port", cfg.server.port)
+    if cfg.scheduler.order not in ORDERS:
+        raise ConfigError("scheduler.order", f"unknown order {cfg.scheduler.order!r} (one of {', '.join(ORDERS)})")
     if cfg.scheduler.strategy not in STRATEGIES:
         raise ConfigError("scheduler.strategy",
                           f"unknown strategy {cfg.scheduler.strategy!r} (one of {', '.join(STRATEGIES)})")

@@ -14,12 +14,13 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlencode
 
 import aiohttp
 
 from . import capability, routing, validation
+from .cost import CostModel
 from .config import STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
 from .history import History
@@ -27,7 +28,7 @@ from .metrics import Metrics
 from .recovery import TERMINAL_EVENTS, Recovery, _now_ms, _outcome
 from .peer import Peer, PeerError
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview
-from .scheduler import SchedulerState, pick
+from .scheduler import SchedulerState, longest_first, pick
 from .store import Store
 from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, Task,
                     TaskQueue)
@@ -43,6 +44,7 @@ RECORD_SIZE = 10000               # finished tasks kept for /lb/tasks
 OBJECT_INFO_EVERY = 12            # health checks between refreshes of a peer's /object_info
 PUMP_SCAN = 1000                  # queued tasks looked at per dispatch for one a free peer may run
 AFFINITY_LOOKAHEAD = 64           # queued tasks a warm peer looks through for one using its models
+ORDER_WINDOW = 64                 # longest_first: queued tasks reordered; also the most times one is overtaken
 PREFETCH_MAX = 32 << 20           # outputs larger than this are relayed on demand, not copied ahead
 # Events the coordinator keeps for a history entry it must write itself.
 _STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
@@ -61,7 +63,9 @@ class Cluster(Recovery):
         self.record: OrderedDict[str, Task] = OrderedDict()  # recent tasks, finished ones too
         self.history = History()
         self.numbering = Numbering()
-        self.sched = SchedulerState(cfg.scheduler.strategy, cfg.scheduler.prefer_idle, cfg.scheduler.affinity)
+        self.sched = SchedulerState(cfg.scheduler.strategy, cfg.scheduler.prefer_idle, cfg.scheduler.affinity,
+                                    cfg.scheduler.order)
+        self.costs = CostModel()
         self.files: dict[tuple[str, str, str], str] = {}   # (type, subfolder, filename) → peer
         # Stable across restarts: prompts already on a peer keep sending their events to us.
         self.client_id = self.db.get("client_id") or "comfylb-" + uuid.uuid4().hex
@@ -172,7 +176,7 @@ class Cluster(Recovery):
 
     def scheduler_info(self) -> dict:
         return {"strategy": self.sched.strategy, "prefer_idle": self.sched.prefer_idle,
-                "strategies": list(STRATEGIES)}
+                "affinity": self.sched.affinity, "order": self.sched.order, "strategies": list(STRATEGIES)}
 
     def live_tasks(self, limit: int) -> list[Task]:
         """The first `limit` unfinished tasks: on peers first, then the queue in order.
@@ -351,7 +355,8 @@ class Cluster(Recovery):
             if not len(self.queue):
                 self._steal_for([p for p in peers if not p.inflight])
                 return
-            for depth, task in enumerate(self.queue.ordered()):
+            window, order = self._dispatch_order()
+            for depth, task in enumerate(order):
                 if depth >= PUMP_SCAN:
                     return
                 views = [p.view() for p in self.peers.values() if p.matches(task.targets) and p.can_run(task.req)]
@@ -362,6 +367,8 @@ class Cluster(Recovery):
                 return
             peer = self.peers[chosen.name]
             task = self._warm_alternative(task, peer)
+            for ahead in itertools.takewhile(lambda t: t is not task, window):
+                ahead.overtaken += 1
             self.queue.remove(task.prompt_id)
             peer.models = task.req.model_key if task.req else frozenset()
             if peer.freed_at is not None:
@@ -376,6 +383,16 @@ class Cluster(Recovery):
             self.db.update_task(task)
             self.changed()
             self.spawn(self._send(task, peer))
+
+    def _dispatch_order(self) -> tuple[list[Task], Iterator[Task]]:
+        """Queued tasks in the order to dispatch them, and (with longest_first) the
+        window of them that was reordered, in queue order."""
+        queued = self.queue.ordered()
+        if self.sched.order != "longest_first":
+            return [], queued
+        window = list(itertools.islice(queued, ORDER_WINDOW))
+        order = longest_first([(t.number, self.costs.predict(t.shape), t.overtaken) for t in window], ORDER_WINDOW)
+        return window, itertools.chain((window[i] for i in order), queued)
 
     def _warm_alternative(self, task: Task, peer: Peer) -> Task:
         """Model affinity from the peer's side: a peer about to load other models takes a
@@ -502,6 +519,8 @@ class Cluster(Recovery):
             peer.progress = None
             if task.started_at:
                 peer.record_job(time.time() - task.started_at)
+                if event == "execution_success":
+                    self.costs.observe(task.shape, time.time() - task.started_at)
                 self.metrics.job(peer.name, time.time() - task.started_at)
             if len(self.queue):
                 peer.freed_at = time.perf_counter()  # work waits: the gap until it gets some starts now

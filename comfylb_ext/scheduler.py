@@ -32,6 +32,7 @@ class SchedulerState:
     strategy: str = "least_busy"
     prefer_idle: bool = True
     affinity: bool = True  # prefer a peer that already has the prompt's models loaded
+    order: str = "fifo"    # or "longest_first"
     cursor: int = 0  # round_robin position
 
 
@@ -81,3 +82,22 @@ def expected_wait(p: PeerView, peers: Sequence[PeerView]) -> float:
     known = [q.job_time for q in peers if q.job_time]
     typical = sum(known) / len(known) if known else 1.0
     return (p.inflight + 1) * (p.job_time or typical)
+
+
+def longest_first(queued: Sequence[tuple[float, float | None, int]], limit: int) -> list[int]:
+    """The order to dispatch queued prompts in, as indices into `queued`, which holds
+    (number, predicted seconds or None, times overtaken) in queue order.
+
+    Longest predicted first, so a batch ends on short prompts and the peers finish
+    together.  Prompts queued at the front (negative number) and prompts overtaken
+    `limit` times keep queue order ahead of the rest, so none waits forever; a prompt
+    with no prediction counts as a typical one.
+    """
+    known = [c for _, c, _ in queued if c is not None]
+    typical = sum(known) / len(known) if known else 0.0
+
+    def key(i: int) -> tuple:
+        number, cost, overtaken = queued[i]
+        pinned = number < 0 or overtaken >= limit
+        return (not pinned, -(typical if cost is None else cost) if not pinned else 0.0, i)
+    return sorted(range(len(queued)), key=key)

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from .cost import Shape, shape
+
 # Task states, in the order a task normally moves through them.
 QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED = (
     "queued", "dispatched", "running", "done", "failed", "cancelled")
@@ -29,6 +31,8 @@ class Task:
     targets: frozenset[str] | None = None  # peer names/tags a routing rule allows (None: any)
     req: Any = None  # capability.Requirements: node types and model files it needs
     stealing: bool = False  # being taken back from its peer's queue for an idle peer
+    overtaken: int = 0  # times a prompt queued after it was dispatched first (longest_first)
+    _shape: Shape | None = field(default=None, repr=False)
     _item_json: str | None = field(default=None, repr=False)
     seq: int = 0
     state: str = QUEUED
@@ -44,6 +48,13 @@ class Task:
     messages: list = field(default_factory=list)
     # One entry per dispatch: {"peer", "at", "outcome"}; shown in history under "comfylb".
     attempt_log: list = field(default_factory=list)
+
+    @property
+    def shape(self) -> Shape:
+        """Its workflow and numbers, for the cost model (made once)."""
+        if self._shape is None:
+            self._shape = shape(self.prompt)
+        return self._shape
 
     def public_extra_data(self) -> dict:
         extra = {k: v for k, v in self.extra_data.items() if k not in SENSITIVE_KEYS}

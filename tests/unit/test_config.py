@@ -23,7 +23,7 @@ def write(tmp_path, text):
 def test_defaults_match_the_documented_schema():
     cfg = parse({})
     assert (cfg.server.host, cfg.server.port, cfg.server.debug) == ("0.0.0.0", 8100, False)
-    assert (cfg.scheduler.strategy, cfg.scheduler.prefer_idle) == ("least_busy", True)
+    assert (cfg.scheduler.strategy, cfg.scheduler.prefer_idle, cfg.scheduler.order) == ("least_busy", True, "fifo")
     hc = cfg.health_check
     assert (hc.interval, hc.timeout, hc.unhealthy_threshold, hc.healthy_threshold) == (5.0, 3.0, 3, 1)
     assert (cfg.queue.max_size, cfg.queue.retry_interval, cfg.queue.max_retries) == (1000, 1.0, 3)
@@ -42,6 +42,7 @@ def test_good_file(tmp_path):
     ("server: {port: http}", "server.port"),
     ("server: {port: 70000}", "server.port"),
     ("scheduler: {strategy: fastest}", "scheduler.strategy"),
+    ("scheduler: {order: shortest_first}", "scheduler.order"),
     ("health_check: {interval: fast}", "health_check.interval"),
     ("queue: {max_size: 0}", "queue.max_size"),
     ("backends: [{name: a}, {name: a}]", "backends[1].name"),

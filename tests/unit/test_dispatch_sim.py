@@ -1,6 +1,8 @@
 """Coordinator logic over simulated peers (fast; the real-peer tests cover the protocol)."""
 import asyncio
 
+import pytest
+
 from tests.client import Client, invert_prompt, sleep_prompt
 from tests.simcluster import lb_over_sims, wait_for
 
@@ -204,3 +206,17 @@ async def test_views_the_moment_an_image_is_announced_share_one_transfer():
             await wait_for(lambda: cluster.view_cache.get(image["subfolder"], image["filename"]) is not None)
             assert await c.get("/view", params=image) == (200, direct)
             assert sims[0].sim.views[path] == 1  # one transfer from the peer, copy at the finish included
+
+
+@pytest.mark.parametrize("order, expected", [("fifo", [0.1, 0.4, 0.2]), ("longest_first", [0.4, 0.2, 0.1])])
+async def test_longest_first_runs_the_longest_predicted_prompt_first(order, expected):
+    async with lb_over_sims(1, max_queue=1, scheduler={"order": order}) as (url, sims, cluster):
+        async with Client(url) as c:
+            for seconds in (0.05, 0.15, 0.1):  # three runs teach it how time follows "seconds"
+                await c.run(sleep_prompt(seconds))
+            assert (await c.post("/lb/backends/sim0/disable"))[0] == 200
+            runs = {s: (await c.queue(sleep_prompt(s)))[2] for s in (0.1, 0.4, 0.2)}
+            assert (await c.post("/lb/backends/sim0/enable"))[0] == 200
+            await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs.values())), 20)
+            started = sorted(runs, key=lambda s: runs[s].first("execution_start")["timestamp"])
+            assert started == expected

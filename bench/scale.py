@@ -64,13 +64,14 @@ async def main() -> None:
     ap.add_argument("--peers", type=int, default=100)
     ap.add_argument("--prompts", type=int, default=10000)
     ap.add_argument("--quick", type=int, default=2000, help="prompts run through in phase 2")
+    ap.add_argument("--order", default="fifo", choices=("fifo", "longest_first"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="comfylb-scale-"))
     sims = [await start_sim(name=f"s{i}") for i in range(args.peers)]
     lb = procs.start_balancer(work, "lb", [{"name": f"s{i}", "port": s.port, "max_queue": 1}
                                            for i, s in enumerate(sims)],
                               queue={"max_size": args.prompts + 100},
-                              health_check={"interval": 5.0, "timeout": 3.0})
+                              health_check={"interval": 5.0, "timeout": 3.0}, scheduler={"order": args.order})
     try:
         await asyncio.to_thread(lb.wait_ready, "/system_stats", 30)
         async with aiohttp.ClientSession() as s:
@@ -113,7 +114,7 @@ async def main() -> None:
         lb.stop()
         for sim in sims:
             await sim.stop()
-    print(f"{args.prompts} prompts over {args.peers} simulated peers: {stats['in_flight']} on peers, "
+    print(f"order {args.order}; {args.prompts} prompts over {args.peers} simulated peers: {stats['in_flight']} on peers, "
           f"{stats['queue_depth']} queued (submitted in {submit:.1f} s, {args.prompts / submit:.0f}/s)")
     print(f"coordinator memory: {loaded['rss']:.0f} MB resident (empty: {base['rss']:.0f} MB)")
     print(f"GET /queue p50 {loaded['queue']:.1f} ms (empty: {base['queue']:.2f} ms); "

@@ -90,8 +90,8 @@ class StorageConfig:
     # SQLite file for the queue, tasks, history and runtime peers (relative to dir);
     # ":memory:" keeps nothing across restarts.
     database: str = "comfylb.db"
-    # Outputs kept on the coordinator for /view (0 = keep none): copied from the peer as
-    # soon as it announces them (prefetch_outputs) or when first viewed.
+    # Outputs kept on the coordinator for /view (0 = keep none): copied from the peer when
+    # first viewed, or when their prompt finishes (prefetch_outputs).
     view_cache_mb: int = 2048
     prefetch_outputs: bool = True
 

@@ -40,7 +40,7 @@ async def test_lost_peer_mid_job_is_retried_elsewhere_with_one_result():
         async with Client(url) as c:
             _, body, run = await c.queue(sleep_prompt(1.0))
             pid = body["prompt_id"]
-            await wait_for(lambda: "execution_start" in run.types())
+            await c.until(lambda: "execution_start" in run.types())
             victim = next(s for s in sims if s.sim.running and s.sim.running[1] == pid)
             survivor = next(s for s in sims if s is not victim)
             await victim.stop()
@@ -58,7 +58,7 @@ async def test_poison_prompt_fails_after_max_retries():
     async with lb_over_sims(1, queue={"retry_interval": 0.05, "max_retries": 0}) as (url, sims, cluster):
         async with Client(url) as c:
             _, body, run = await c.queue(sleep_prompt(1.0))
-            await wait_for(lambda: "execution_start" in run.types())
+            await c.until(lambda: "execution_start" in run.types())
             await sims[0].stop()
             await asyncio.wait_for(run.done.wait(), 20)
             err = run.first("execution_error")

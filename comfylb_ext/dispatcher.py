@@ -21,7 +21,7 @@ import aiohttp
 
 from . import capability, routing, validation
 from .cost import CostModel
-from .config import STRATEGIES, BackendConfig, Config
+from .config import ORDERS, STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
 from .history import History
 from .metrics import Metrics
@@ -176,7 +176,8 @@ class Cluster(Recovery):
 
     def scheduler_info(self) -> dict:
         return {"strategy": self.sched.strategy, "prefer_idle": self.sched.prefer_idle,
-                "affinity": self.sched.affinity, "order": self.sched.order, "strategies": list(STRATEGIES)}
+                "affinity": self.sched.affinity, "order": self.sched.order, "strategies": list(STRATEGIES),
+                "orders": list(ORDERS)}
 
     def live_tasks(self, limit: int) -> list[Task]:
         """The first `limit` unfinished tasks: on peers first, then the queue in order.
@@ -239,6 +240,14 @@ class Cluster(Recovery):
             log.info("strategy: %s -> %s", self.sched.strategy, strategy)
             self.sched.strategy = strategy
             self.sched.cursor = 0
+            self.changed()
+
+    def set_order(self, order: str) -> None:
+        if order not in ORDERS:
+            raise ValueError(order)
+        if self.sched.order != order:
+            log.info("order: %s -> %s", self.sched.order, order)
+            self.sched.order = order
             self.changed()
 
     # -- health --------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ..config import STRATEGIES, ConfigError, parse_backend
+from ..config import ORDERS, STRATEGIES, ConfigError, parse_backend
 from ..dispatcher import Cluster
 from ..tasks import QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED
 
@@ -46,6 +46,7 @@ class LbApi:
             ("POST", "/lb/health-check", self.health_check),
             ("GET", "/lb/scheduler", self.scheduler),
             ("POST", "/lb/scheduler/strategy/{strategy}", self.set_strategy),
+            ("POST", "/lb/scheduler/order/{order}", self.set_order),
         ]
         return [(m, p, self._guard(h)) for m, p, h in guarded]
 
@@ -176,4 +177,11 @@ class LbApi:
         if strategy not in STRATEGIES:
             return error(400, f"unknown strategy {strategy!r}", strategies=list(STRATEGIES))
         self.cluster.set_strategy(strategy)
+        return web.json_response(self.cluster.scheduler_info())
+
+    async def set_order(self, request: web.Request) -> web.Response:
+        order = request.match_info["order"]
+        if order not in ORDERS:
+            return error(400, f"unknown order {order!r}", orders=list(ORDERS))
+        self.cluster.set_order(order)
         return web.json_response(self.cluster.scheduler_info())

@@ -63,6 +63,7 @@ async def test_error_cases_answer_4xx_with_a_reason(ops_lb):
             ("GET", "/lb/tasks/not-a-task", None, 404),
             ("DELETE", "/lb/tasks/not-a-task", None, 404),
             ("POST", "/lb/scheduler/strategy/fastest", None, 400),
+            ("POST", "/lb/scheduler/order/shortest_first", None, 400),
         ]
         for method, path, body, want in cases:
             async with c.session.request(method, c.base + path, data=body) as r:

@@ -53,6 +53,12 @@ async def exercise_panel(page, base_url: str, peers, root: str, while_running=No
     await panel.locator(f'.cl-peer[data-peer="{peers[0].name}"].cl-disabled').wait_for(timeout=5000)
     await panel.locator(f'.cl-peer[data-peer="{peers[0].name}"] button[data-act="toggle"]').click()
     await panel.locator(f'.cl-peer[data-peer="{peers[0].name}"].cl-healthy').wait_for(timeout=5000)
+    # the scheduler's choices, applied by the coordinator, then put back
+    for act, value, default in (("strategy", "round_robin", "least_busy"), ("order", "longest_first", "fifo")):
+        for chosen in (value, default):
+            async with page.expect_response(lambda r: f"/lb/scheduler/{act}/{chosen}" in r.url) as answer:
+                await panel.locator(f'select[data-act="{act}"]').select_option(chosen)
+            assert (await (await answer.value).json())[act] == chosen
     # a bad form entry is refused inline, then a good one adds the peer
     form = panel.locator("form")
     await form.locator('input[name="name"]').fill("bad name!")

@@ -220,3 +220,13 @@ async def test_longest_first_runs_the_longest_predicted_prompt_first(order, expe
             await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs.values())), 20)
             started = sorted(runs, key=lambda s: runs[s].first("execution_start")["timestamp"])
             assert started == expected
+
+
+async def test_order_switches_at_runtime():
+    async with lb_over_sims(1) as (url, sims, cluster):
+        async with Client(url) as c:
+            assert (await c.get("/lb/scheduler"))[1]["order"] == "fifo"
+            status, info = await c.post("/lb/scheduler/order/longest_first")
+            assert status == 200 and info["order"] == "longest_first" and cluster.sched.order == "longest_first"
+            status, body = await c.post("/lb/scheduler/order/random")
+            assert status == 400 and body["orders"] == ["fifo", "longest_first"]

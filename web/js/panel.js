@@ -136,6 +136,7 @@ export function createPanel(host) {
       return bad.length ? `Checked: not available: ${bad.join(", ")}` : `Checked ${r.backends.length} peer(s): all available`;
     }),
     strategy: (name) => act("strategy", () => call("POST", `/lb/scheduler/strategy/${encodeURIComponent(name)}`), () => `Strategy: ${name}`),
+    order: (name) => act("order", () => call("POST", `/lb/scheduler/order/${encodeURIComponent(name)}`), () => `Order: ${name.replace("_", " ")}`),
     cancel: (id) => act(`cancel:${id}`, () => call("DELETE", `/lb/tasks/${encodeURIComponent(id)}`), () => `Cancelled ${id.slice(0, 8)}`),
     add: async () => {
       const f = state.form;
@@ -202,7 +203,9 @@ export function createPanel(host) {
     const totals = [["queued", t.queued], ["running", t.running], ["done", t.completed], ["failed", t.failed],
       ["cancelled", t.cancelled], ["retried", t.retried]]
       .map(([k, v]) => `<div class="cl-total"><b>${v}</b><span>${k}</span></div>`).join("");
-    const strategies = s.scheduler.strategies.map((n) => `<option value="${esc(n)}" ${n === s.scheduler.strategy ? "selected" : ""}>${esc(n.replace("_", " "))}</option>`).join("");
+    const options = (names, current) => names.map((n) => `<option value="${esc(n)}" ${n === current ? "selected" : ""}>${esc(n.replace("_", " "))}</option>`).join("");
+    const strategies = options(s.scheduler.strategies, s.scheduler.strategy);
+    const orders = options(s.scheduler.orders || [s.scheduler.order], s.scheduler.order);
     const peers = s.backends.length ? s.backends.map(peerHtml).join("") : `<div class="cl-empty">No peers yet: add one below.</div>`;
     const queue = s.queue.length ? s.queue.map((q) => `<div class="cl-row" data-task="${esc(q.task_id)}">
         <span class="cl-mono cl-grow" title="${esc(q.task_id)}">${esc(q.task_id.slice(0, 8))}</span>
@@ -216,6 +219,8 @@ export function createPanel(host) {
         <button data-act="check" ${state.pending.has("check") ? "disabled" : ""} title="Check every peer now"><i class="pi pi-refresh"></i>Check now</button></h3>
       <label class="cl-dim" style="display:block;margin-bottom:6px">Strategy
         <select data-act="strategy" aria-label="Load-balancing strategy">${strategies}</select></label>
+      <label class="cl-dim" style="display:block;margin-bottom:6px" title="longest first: prompts predicted to run longest go first, so a batch ends evenly">Order
+        <select data-act="order" aria-label="Dispatch order">${orders}</select></label>
       <div class="cl-peers">${peers}</div>
       <h3><i class="pi pi-list"></i>Queue</h3><div class="cl-queue">${queue}</div>`;
   }
@@ -285,6 +290,7 @@ export function createPanel(host) {
     });
     root.addEventListener("change", (ev) => {
       if (ev.target.matches('select[data-act="strategy"]')) actions.strategy(ev.target.value).catch(() => {});
+      if (ev.target.matches('select[data-act="order"]')) actions.order(ev.target.value).catch(() => {});
     });
     root.addEventListener("input", (ev) => {
       if (ev.target.form && ev.target.name in state.form) state.form[ev.target.name] = ev.target.value;

@@ -79,10 +79,11 @@ class Cluster(Recovery):
         self.health = HealthChecker(cfg.health_check, lambda: self.peers.values(), self.check_peer)
         self.hub = hub
         self._push_at: float | None = None
+        self.state_changed = asyncio.Event()  # set, then replaced, on every changed()
         self.metrics = Metrics(self)
         self.view_cache = ViewCache(Path(cfg.storage.dir) / "view-cache" if self.db.path != ":memory:" else None,
                                     cfg.storage.view_cache_mb << 20)
-        self.copies = Copies(self.view_cache, PREFETCH_MAX)
+        self.copies = Copies(self.view_cache, PREFETCH_MAX, settled=self.changed)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -147,6 +148,8 @@ class Cluster(Recovery):
     def changed(self) -> None:
         """Something a management view shows has changed: push a snapshot soon.  Bursts
         (a hundred progress events a second) coalesce into at most one push per PUSH_EVERY."""
+        self.state_changed.set()
+        self.state_changed = asyncio.Event()
         if self._push_at is not None:
             return
         loop = asyncio.get_running_loop()
@@ -497,6 +500,7 @@ class Cluster(Recovery):
             if info != peer.object_info:
                 peer.object_info, peer.caps = info, capability.Capabilities(info)
                 self._catalog = None
+                self.changed()
                 self.pump()
         except PeerError as e:
             log.warning("peer %s: no /object_info: %s", peer.name, e)

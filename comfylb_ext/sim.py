@@ -90,6 +90,7 @@ class SimPeer:
             (root / t).mkdir(parents=True, exist_ok=True)
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.views: Counter[str] = Counter()  # files served by /view, by path
+        self.state_changed = asyncio.Event()  # set, then replaced, whenever its queue changes
         self.flags: dict[str, dict] = {}
         self.queue: list = []
         self.counter = itertools.count()
@@ -136,6 +137,9 @@ class SimPeer:
         return len(self.queue) + (1 if self.running else 0)
 
     async def status(self) -> None:
+        """Its queue changed: tell the clients, as ComfyUI does (and whoever waits on it)."""
+        self.state_changed.set()
+        self.state_changed = asyncio.Event()
         await self.send("status", {"status": {"exec_info": {"queue_remaining": self.remaining()}}}, None)
 
     # -- execution -----------------------------------------------------------------------

@@ -139,8 +139,9 @@ class Copies:
 
     CHUNK = 1 << 20
 
-    def __init__(self, cache: ViewCache, max_size: int) -> None:
+    def __init__(self, cache: ViewCache, max_size: int, settled: Callable[[], None] = lambda: None) -> None:
         self.cache = cache
+        self.settled = settled  # a copy left `inflight`: on disk, or given up
         self.max_size = min(max_size, cache.limit)
         self.inflight: dict[tuple[str, str], Copy] = {}
 
@@ -196,6 +197,7 @@ class Copies:
         finally:
             if self.inflight.get(copy.key) is copy:
                 del self.inflight[copy.key]
+                self.settled()
 
 
 HOP_HEADERS = ("Content-Type", "Content-Disposition", "Content-Length", "Cache-Control", "Last-Modified", "ETag")

@@ -27,7 +27,7 @@ async def lb_over_sims(n: int = 2, max_queue: int = 1, sim_kw: list[dict] | None
     cluster = app[CLUSTER]
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        await wait_for(lambda: all(p.available for p in cluster.peers.values()))
+        await wait_for(lambda: all(p.available for p in cluster.peers.values()), cluster)
         yield url, sims, cluster
     finally:
         await runner.cleanup()
@@ -35,11 +35,17 @@ async def lb_over_sims(n: int = 2, max_queue: int = 1, sim_kw: list[dict] | None
             await s.stop()
 
 
-async def wait_for(cond, timeout: float = 10.0) -> None:
-    """Wait until `cond()` holds, checking whenever the loop has run other work."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.01)
+async def wait_for(cond, *sources, timeout: float = 10.0) -> None:
+    """Wait until `cond()` holds, checking it again whenever one of `sources` (a Cluster,
+    a Sim) says its state changed."""
+    async def wait() -> None:
+        while not cond():
+            # the events are taken before yielding: a change from here on sets one of them
+            events = [s.state_changed for s in sources]
+            waits = [asyncio.ensure_future(e.wait()) for e in events]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+    await asyncio.wait_for(wait(), timeout)

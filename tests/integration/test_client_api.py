@@ -213,12 +213,9 @@ async def test_queue_delete_clear_and_interrupt(balancer):
         interrupted = [r for _, _, r in queued if r is not None]
         await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in interrupted[:2])), 60)
         assert any("execution_interrupted" in r.types() for r in interrupted[:2])
-        # everything settles: nothing left anywhere
-        for _ in range(200):
-            _, q = await c.get("/queue")
-            if not q["queue_running"] and not q["queue_pending"]:
-                break
-            await asyncio.sleep(0.05)
+        # everything settles: the status ComfyUI clients watch says so, and so does /queue
+        await c.until(lambda: c.status[-1]["status"]["exec_info"]["queue_remaining"] == 0)
+        _, q = await c.get("/queue")
         assert q == {"queue_running": [], "queue_pending": []}
         _, hist = await c.get(f"/history/{ids[-1]}")
         assert hist == {}

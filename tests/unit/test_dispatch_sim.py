@@ -71,7 +71,7 @@ async def test_delete_reaches_prompts_waiting_on_a_peer():
     async with lb_over_sims(1, max_queue=3) as (url, sims, cluster):
         async with Client(url) as c:
             ids = [(await c.queue(sleep_prompt(3)))[1]["prompt_id"] for _ in range(3)]
-            await wait_for(lambda: len(sims[0].sim.queue) == 2)
+            await wait_for(lambda: len(sims[0].sim.queue) == 2, sims[0].sim)
             await c.post("/queue", {"delete": [ids[2]]})
             assert [e[2][1] for e in sims[0].sim.queue] == [ids[1]]
             _, q = await c.get("/queue")
@@ -80,7 +80,7 @@ async def test_delete_reaches_prompts_waiting_on_a_peer():
             await c.post("/queue", {"clear": True})
             assert sims[0].sim.queue == []
             await c.post("/interrupt", {"prompt_id": ids[0]})
-            await wait_for(lambda: not cluster.tasks)
+            await wait_for(lambda: not cluster.tasks, cluster)
 
 
 async def test_restart_keeps_queue_history_and_prompts_on_peers(tmp_path):
@@ -104,11 +104,11 @@ async def test_restart_keeps_queue_history_and_prompts_on_peers(tmp_path):
 
     try:
         runner, cluster, url = await coordinator()
-        await wait_for(lambda: all(p.available for p in cluster.peers.values()))
+        await wait_for(lambda: all(p.available for p in cluster.peers.values()), cluster)
         async with Client(url) as c:
             done_before = await c.run(sleep_prompt(0.05))
             ids = [(await c.queue(sleep_prompt(0.5)))[1]["prompt_id"] for _ in range(3)]
-            await wait_for(lambda: sim.sim.running is not None)
+            await wait_for(lambda: sim.sim.running is not None, sim.sim)
             client_id = c.client_id
         await runner.cleanup()  # the coordinator stops with one prompt on the peer and two queued
 
@@ -131,7 +131,7 @@ async def test_restart_keeps_queue_history_and_prompts_on_peers(tmp_path):
 async def test_prompts_go_only_to_peers_that_have_their_model():
     kw = [{"checkpoints": ["only-on-0.safetensors"]}, {"checkpoints": ["only-on-1.safetensors"]}]
     async with lb_over_sims(2, max_queue=2, sim_kw=kw) as (url, sims, cluster):
-        await wait_for(lambda: all(p.caps is not None for p in cluster.peers.values()))
+        await wait_for(lambda: all(p.caps is not None for p in cluster.peers.values()), cluster)
         async with Client(url) as c:
             for i in (0, 1):
                 prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"only-on-{i}.safetensors"}},
@@ -186,7 +186,7 @@ async def test_outputs_are_copied_ahead_and_outlive_their_peer():
             image = run.first("executed")["output"]["images"][0]
             assert image["subfolder"] == "sim0"  # the peer's own subfolder
             direct = (sims[0].sim.root / "output" / image["subfolder"] / image["filename"]).read_bytes()
-            await wait_for(lambda: cluster.view_cache.get(image["subfolder"], image["filename"]) is not None)
+            await wait_for(lambda: cluster.view_cache.get(image["subfolder"], image["filename"]) is not None, cluster)
             await sims[0].stop()
             status, body = await c.get("/view", params=image)
             assert status == 200 and body == direct
@@ -203,7 +203,7 @@ async def test_views_the_moment_an_image_is_announced_share_one_transfer():
             views = await asyncio.gather(*(c.get("/view", params=image) for _ in range(3)))
             assert views == [(200, direct)] * 3
             await asyncio.wait_for(run.done.wait(), 10)
-            await wait_for(lambda: cluster.view_cache.get(image["subfolder"], image["filename"]) is not None)
+            await wait_for(lambda: cluster.view_cache.get(image["subfolder"], image["filename"]) is not None, cluster)
             assert await c.get("/view", params=image) == (200, direct)
             assert sims[0].sim.views[path] == 1  # one transfer from the peer, copy at the finish included
 

@@ -61,7 +61,7 @@ async def test_peer_credentials_reach_the_peer():
             without = cluster.add_peer(parse_backend({"name": "no-creds", "port": guarded.port}))
             with_token = cluster.add_peer(parse_backend({"name": "creds", "port": guarded.port,
                                                          "token": "peer-secret"}))
-            await wait_for(lambda: with_token.available and without.health.state == "unhealthy")
+            await wait_for(lambda: with_token.available and without.health.state == "unhealthy", cluster)
             assert "401" in without.health.last_error
             assert "peer-secret" not in str(with_token.describe())
             cluster.set_enabled("sim0", False)

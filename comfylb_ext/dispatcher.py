@@ -41,6 +41,7 @@ STATUS_EVENT = "comfylb.status"   # the custom websocket event that carries live
 PUSH_EVERY = 0.1                  # seconds: at most this many pushes of it per second
 SNAPSHOT_TASKS = 50               # queued/running tasks included in a push
 RECORD_SIZE = 10000               # finished tasks kept for /lb/tasks
+RUNS_KEPT = 10000                 # run times kept for the cost model across restarts
 OBJECT_INFO_EVERY = 12            # health checks between refreshes of a peer's /object_info
 PUMP_SCAN = 1000                  # queued tasks looked at per dispatch for one a free peer may run
 AFFINITY_LOOKAHEAD = 64           # queued tasks a warm peer looks through for one using its models
@@ -106,6 +107,8 @@ class Cluster(Recovery):
         for pid, position, entry in self.db.load_history():
             self.history.restore(pid, position, entry)
         self.files.update(self.db.load_files())
+        for shape, seconds in self.db.load_runs(keep=RUNS_KEPT):
+            self.costs.observe(shape, seconds)
         self.numbering.next = self.db.get("number", 0)
         requeued = held = 0
         for task in self.db.load_tasks(finished=RECORD_SIZE):
@@ -531,9 +534,11 @@ class Cluster(Recovery):
             peer.release(pid)
             peer.progress = None
             if task.started_at:
-                peer.record_job(time.time() - task.started_at)
+                seconds = time.time() - task.started_at
+                peer.record_job(seconds)
                 if event == "execution_success":
-                    self.costs.observe(task.shape, time.time() - task.started_at)
+                    self.costs.observe(task.shape, seconds)
+                    self.db.add_run(task.shape, seconds)
                 self.metrics.job(peer.name, time.time() - task.started_at)
             if len(self.queue):
                 peer.freed_at = time.perf_counter()  # work waits: the gap until it gets some starts now
@@ -625,6 +630,7 @@ class Cluster(Recovery):
         if len(self.history) % 1000 == 0:
             self.db.prune_history(self.history.max_size)
             self.db.prune_tasks(RECORD_SIZE)
+            self.db.prune_runs(RUNS_KEPT)
 
     def delete_history(self, prompt_ids: list[str]) -> None:
         for pid in prompt_ids:

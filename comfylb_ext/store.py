@@ -1,5 +1,6 @@
 """Durable state in an embedded SQLite database: tasks, history, runtime peers, the
-index of which peer produced which file, and counters.
+index of which peer produced which file, counters, and the run times the cost model
+learns from.
 
 Write-through from the coordinator at every state change (WAL mode: a commit survives the
 process being killed).  `Store(None)` keeps nothing, for tests and throw-away runs.
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import BackendConfig
+from .cost import Shape
 from .tasks import TERMINAL, Task
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ CREATE TABLE IF NOT EXISTS peers (name TEXT PRIMARY KEY, config TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (type TEXT, subfolder TEXT, filename TEXT, peer TEXT NOT NULL,
                                   PRIMARY KEY (type, subfolder, filename));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (shape BLOB NOT NULL, features TEXT NOT NULL, seconds REAL NOT NULL);
 """
 
 _BODY = ("number", "seq", "prompt", "extra_data", "outputs", "client_id", "partial_targets", "messages")
@@ -129,6 +132,20 @@ class Store:
 
     def load_files(self) -> dict[tuple[str, str, str], str]:
         return {(t, s, f): p for t, s, f, p in self.db.execute("SELECT type, subfolder, filename, peer FROM files")}
+
+    # -- run times, for the cost model ----------------------------------------------------
+    def add_run(self, shape: Shape, seconds: float) -> None:
+        self.db.execute("INSERT INTO runs VALUES (?,?,?)", (shape.key, json.dumps(shape.features), seconds))
+
+    def prune_runs(self, keep: int) -> None:
+        self.db.execute("DELETE FROM runs WHERE rowid <= (SELECT rowid FROM runs ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                        (keep,))
+
+    def load_runs(self, keep: int) -> list[tuple[Shape, float]]:
+        """The newest `keep` runs, oldest first; older ones are deleted."""
+        self.prune_runs(keep)
+        return [(Shape(key, tuple(json.loads(f))), seconds)
+                for key, f, seconds in self.db.execute("SELECT shape, features, seconds FROM runs ORDER BY rowid")]
 
     def get(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

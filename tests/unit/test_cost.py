@@ -49,3 +49,17 @@ def test_a_number_that_varies_at_random_does_not_fool_a_short_history():
     for seconds, colour in ((0.5, 9_000_000), (1.5, 120), (1.0, 4_000_000)):
         model.observe(shape(sleep(seconds, colour)), seconds)
     assert abs(model.predict(shape(sleep(1.2, 16_000_000))) - 1.2) < 1e-3
+
+
+def test_what_was_learnt_survives_a_restart(tmp_path):
+    from comfylb_ext.store import Store
+
+    store = Store(tmp_path / "state.db")
+    for steps, seconds in ((10, 2.0), (20, 4.0), (30, 6.0), (40, 8.0)):
+        store.add_run(shape(sampler(steps, steps)), seconds)
+    store.close()
+    model = CostModel()
+    for s, seconds in Store(tmp_path / "state.db").load_runs(keep=3):  # the oldest is let go
+        model.observe(s, seconds)
+    assert abs(model.predict(shape(sampler(50, 1))) - 10.0) < 1e-3
+    assert len(Store(tmp_path / "state.db").load_runs(keep=3)) == 3

@@ -539,7 +539,7 @@ class Cluster(Recovery):
                 if event == "execution_success":
                     self.costs.observe(task.shape, seconds)
                     self.db.add_run(task.shape, seconds)
-                self.metrics.job(peer.name, time.time() - task.started_at)
+                self.metrics.job(peer.name, seconds)
             if len(self.queue):
                 peer.freed_at = time.perf_counter()  # work waits: the gap until it gets some starts now
             if event != "execution_success":
@@ -595,11 +595,11 @@ class Cluster(Recovery):
             if self.view_cache.get(subfolder, filename) is not None:
                 return
             try:
-                copy, upstream = await self.output(peer, subfolder, filename)
+                taken, upstream = await self.output(peer, subfolder, filename)
             except PeerError:
                 return
-            if upstream is not None and copy is not None:
-                await self.copies.fill(copy, upstream)
+            if upstream is not None and taken is not None:
+                await self.copies.fill(taken, upstream)
             elif upstream is not None:
                 upstream.release()
 
@@ -608,20 +608,20 @@ class Cluster(Recovery):
         """An output file not on disk here: (copy, None), a copy on its way to follow
         (once it is opened()); (copy, answer), a new copy the caller fills from the
         peer's answer; (None, answer), a file not to be kept, to relay as it is."""
-        copy = self.copies.get(subfolder, filename)
-        if copy is not None:
-            return copy, None
-        copy = self.copies.start(subfolder, filename)
+        taken = self.copies.get(subfolder, filename)
+        if taken is not None:
+            return taken, None
+        taken = self.copies.start(subfolder, filename)
         try:
             upstream = await peer.open_stream("GET", "/view?" + urlencode(
                 {"filename": filename, "subfolder": subfolder, "type": "output"}))
         except BaseException:
-            self.copies.drop(copy)
+            self.copies.drop(taken)
             raise
         if not self.copies.fits(upstream):
-            self.copies.drop(copy)
+            self.copies.drop(taken)
             return None, upstream
-        return copy, upstream
+        return taken, upstream
 
     # -- history -----------------------------------------------------------------------
     def _add_history(self, prompt_id: str, entry: dict) -> None:

@@ -15,7 +15,6 @@ import uuid
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlencode
 
 import aiohttp
 
@@ -33,7 +32,7 @@ from .store import Store
 from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, Task,
                     TaskQueue)
 from .uploads import InputStore
-from .viewcache import Copies, Copy, ViewCache
+from .outputs import Outputs, ViewCache
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,6 @@ class Cluster(Recovery):
         self.sched = SchedulerState(cfg.scheduler.strategy, cfg.scheduler.prefer_idle, cfg.scheduler.affinity,
                                     cfg.scheduler.order)
         self.costs = CostModel()
-        self.files: dict[tuple[str, str, str], str] = {}   # (type, subfolder, filename) → peer
         # Stable across restarts: prompts already on a peer keep sending their events to us.
         self.client_id = self.db.get("client_id") or "comfylb-" + uuid.uuid4().hex
         self.db.put("client_id", self.client_id)
@@ -82,9 +80,9 @@ class Cluster(Recovery):
         self._push_at: float | None = None
         self.state_changed = asyncio.Event()  # set, then replaced, on every changed()
         self.metrics = Metrics(self)
-        self.view_cache = ViewCache(Path(cfg.storage.dir) / "view-cache" if self.db.path != ":memory:" else None,
-                                    cfg.storage.view_cache_mb << 20)
-        self.copies = Copies(self.view_cache, PREFETCH_MAX, settled=self.changed)
+        cache = ViewCache(Path(cfg.storage.dir) / "view-cache" if self.db.path != ":memory:" else None,
+                          cfg.storage.view_cache_mb << 20)
+        self.outputs = Outputs(self.db, cache, PREFETCH_MAX, cfg.storage.prefetch_outputs, self.spawn, self.changed)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -106,7 +104,6 @@ class Cluster(Recovery):
         as soon as it links)."""
         for pid, position, entry in self.db.load_history():
             self.history.restore(pid, position, entry)
-        self.files.update(self.db.load_files())
         for shape, seconds in self.db.load_runs(keep=RUNS_KEPT):
             self.costs.observe(shape, seconds)
         self.numbering.next = self.db.get("number", 0)
@@ -527,7 +524,7 @@ class Cluster(Recovery):
             peer.progress = {k: data.get(k) for k in ("prompt_id", "node", "value", "max")}
             self.changed()
         elif event == "executed":
-            self._record_outputs(peer, (data.get("output") or {}), fresh=True)
+            self.outputs.record(peer, (data.get("output") or {}), fresh=True)
         if event in _STATUS_EVENTS:
             task.messages.append([event, data])
         if event in TERMINAL_EVENTS:
@@ -565,63 +562,6 @@ class Cluster(Recovery):
         task = peer.tasks.get(peer.running) if peer.running else None
         if task is not None:
             await self.relay.binary(task.client_id, event, payload)
-
-    def _record_outputs(self, peer: Peer, outputs: dict, fresh: bool = False) -> None:
-        """Which peer holds each output file; fresh: just written, so a copy kept under
-        the same name is stale."""
-        rows = []
-        for items in outputs.values():
-            if not isinstance(items, list):
-                continue
-            for item in items:
-                if isinstance(item, dict) and isinstance(item.get("filename"), str):
-                    key = (item.get("type") or "output", item.get("subfolder") or "", item["filename"])
-                    if fresh:
-                        self.copies.forget(key[1], key[2])
-                    elif key[0] == "output" and self.cfg.storage.prefetch_outputs and self.view_cache.enabled:
-                        # not at `executed`: the client's own /view, which comes at once,
-                        # is then the one copy taken, streamed to it as it arrives
-                        self.spawn(self._prefetch(peer, key[1], key[2]))
-                    if self.files.get(key) != peer.name:
-                        self.files[key] = peer.name
-                        rows.append((*key, peer.name))
-        if rows:
-            self.db.set_files(rows)
-
-    async def _prefetch(self, peer: Peer, subfolder: str, filename: str) -> None:
-        """Copy a finished prompt's output that no client has asked for yet: later views
-        are then served from here, and the image outlives its peer."""
-        async with peer.prefetching:
-            if self.view_cache.get(subfolder, filename) is not None:
-                return
-            try:
-                taken, upstream = await self.output(peer, subfolder, filename)
-            except PeerError:
-                return
-            if upstream is not None and taken is not None:
-                await self.copies.fill(taken, upstream)
-            elif upstream is not None:
-                upstream.release()
-
-    async def output(self, peer: Peer, subfolder: str, filename: str
-                     ) -> tuple[Copy, None] | tuple[Copy, aiohttp.ClientResponse] | tuple[None, aiohttp.ClientResponse]:
-        """An output file not on disk here: (copy, None), a copy on its way to follow
-        (once it is opened()); (copy, answer), a new copy the caller fills from the
-        peer's answer; (None, answer), a file not to be kept, to relay as it is."""
-        taken = self.copies.get(subfolder, filename)
-        if taken is not None:
-            return taken, None
-        taken = self.copies.start(subfolder, filename)
-        try:
-            upstream = await peer.open_stream("GET", "/view?" + urlencode(
-                {"filename": filename, "subfolder": subfolder, "type": "output"}))
-        except BaseException:
-            self.copies.drop(taken)
-            raise
-        if not self.copies.fits(upstream):
-            self.copies.drop(taken)
-            return None, upstream
-        return taken, upstream
 
     # -- history -----------------------------------------------------------------------
     def _add_history(self, prompt_id: str, entry: dict) -> None:
@@ -663,7 +603,7 @@ class Cluster(Recovery):
                                "messages": copy.deepcopy(task.messages)}
         for node_outputs in (entry.get("outputs") or {}).values():  # history: by node, then kind
             if isinstance(node_outputs, dict):
-                self._record_outputs(peer, node_outputs)
+                self.outputs.record(peer, node_outputs)
         ok = entry["status"].get("status_str") == "success"
         interrupted = any(m[0] == "execution_interrupted" for m in entry["status"].get("messages") or [])
         task.state = DONE if ok else CANCELLED if interrupted else FAILED
@@ -766,7 +706,7 @@ class Cluster(Recovery):
 
     # -- files -------------------------------------------------------------------------
     def producer_of(self, typ: str, subfolder: str, filename: str) -> Peer | None:
-        name = self.files.get((typ, subfolder, filename))
+        name = self.outputs.holder(typ, subfolder, filename)
         peer = self.peers.get(name) if name else None
         return peer if peer is not None and not peer.removed else None
 

@@ -15,7 +15,7 @@ from ..dispatcher import Cluster
 from ..peer import Peer, PeerError
 from ..uploads import TYPES, InputStore, UploadError, split_annotation
 from ..validation import _err, error_body
-from ..viewcache import Copies, Copy, relay_headers
+from ..outputs import Copies, Copy, relay_headers
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +193,12 @@ class ComfyApi:
         peer = self.cluster.producer_of(typ, sub, base)
         raw = "preview" not in q and q.get("channel", "rgba") == "rgba"
         if typ == "output" and raw:
-            cached = self.cluster.view_cache.get(sub, base)
+            cached = self.cluster.outputs.cache.get(sub, base)
             if cached is not None:
                 return web.FileResponse(cached, headers=_file_headers(base))
-            if peer is not None and self.cluster.view_cache.enabled:
+            if peer is not None and self.cluster.outputs.cache.enabled:
                 try:
-                    copy, upstream = await self.cluster.output(peer, sub, base)
+                    copy, upstream = await self.cluster.outputs.open(peer, sub, base)
                 except PeerError as e:
                     return _unreachable(peer, e)
                 if copy is None:
@@ -236,7 +236,7 @@ class ComfyApi:
                 await resp.prepare(request)
             await resp.write(chunk)
         if upstream is not None:
-            await self.cluster.copies.fill(copy, upstream, send)
+            await self.cluster.outputs.copies.fill(copy, upstream, send)
         else:
             async for chunk in copy.read():
                 await send(chunk)

@@ -186,7 +186,7 @@ async def test_outputs_are_copied_ahead_and_outlive_their_peer():
             image = run.first("executed")["output"]["images"][0]
             assert image["subfolder"] == "sim0"  # the peer's own subfolder
             direct = (sims[0].sim.root / "output" / image["subfolder"] / image["filename"]).read_bytes()
-            await wait_for(lambda: cluster.view_cache.get(image["subfolder"], image["filename"]) is not None, cluster)
+            await wait_for(lambda: cluster.outputs.cache.get(image["subfolder"], image["filename"]) is not None, cluster)
             await sims[0].stop()
             status, body = await c.get("/view", params=image)
             assert status == 200 and body == direct
@@ -203,7 +203,7 @@ async def test_views_the_moment_an_image_is_announced_share_one_transfer():
             views = await asyncio.gather(*(c.get("/view", params=image) for _ in range(3)))
             assert views == [(200, direct)] * 3
             await asyncio.wait_for(run.done.wait(), 10)
-            await wait_for(lambda: cluster.view_cache.get(image["subfolder"], image["filename"]) is not None, cluster)
+            await wait_for(lambda: cluster.outputs.cache.get(image["subfolder"], image["filename"]) is not None, cluster)
             assert await c.get("/view", params=image) == (200, direct)
             assert sims[0].sim.views[path] == 1  # one transfer from the peer, copy at the finish included
 

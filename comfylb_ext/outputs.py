@@ -1,4 +1,4 @@
-"""Copies of peers' output files on the coordinator: on its disk, and in flight.
+"""Output files: which peer holds each one, and the coordinator's copies of them.
 
 A peer's outputs never change once written (ComfyUI numbers new files, and every peer
 writes into its own subfolder), so a file is copied once — as soon as its peer announces
@@ -16,8 +16,12 @@ import os
 import threading
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlencode
 
 import aiohttp
+
+from .peer import Peer, PeerError
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +210,78 @@ HOP_HEADERS = ("Content-Type", "Content-Disposition", "Content-Length", "Cache-C
 def relay_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     """The headers of a peer's /view answer worth passing on."""
     return {h: upstream.headers[h] for h in HOP_HEADERS if h in upstream.headers}
+
+
+class Outputs:
+    """Which peer holds each output file (kept in the state database), and the copies."""
+
+    def __init__(self, db: Store, cache: ViewCache, max_size: int, prefetch: bool,
+                 spawn: Callable, changed: Callable[[], None]) -> None:
+        self.db = db
+        self.cache = cache
+        self.copies = Copies(cache, max_size, settled=changed)
+        self.prefetch = prefetch and cache.enabled
+        self.spawn = spawn
+        self.holders: dict[tuple[str, str, str], str] = {}  # (type, subfolder, filename) → peer name
+        self.holders.update(db.load_files())
+
+    def holder(self, typ: str, subfolder: str, filename: str) -> str | None:
+        return self.holders.get((typ, subfolder, filename))
+
+    def record(self, peer: Peer, outputs: dict, fresh: bool = False) -> None:
+        """A node's outputs ({kind: [file, …]}) are on `peer`; fresh: just written (from
+        `executed`), so a copy kept under the same name is stale; else the prompt is
+        done, and outputs nobody viewed are copied now."""
+        rows = []
+        for items in outputs.values():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                    key = (item.get("type") or "output", item.get("subfolder") or "", item["filename"])
+                    if fresh:
+                        self.copies.forget(key[1], key[2])
+                    elif key[0] == "output" and self.prefetch:
+                        # not at `executed`: the client's own /view, which comes at once,
+                        # is then the one copy taken, streamed to it as it arrives
+                        self.spawn(self._prefetch(peer, key[1], key[2]))
+                    if self.holders.get(key) != peer.name:
+                        self.holders[key] = peer.name
+                        rows.append((*key, peer.name))
+        if rows:
+            self.db.set_files(rows)
+
+    async def _prefetch(self, peer: Peer, subfolder: str, filename: str) -> None:
+        """Copy a finished prompt's output that no client has asked for yet: later views
+        are then served from here, and the image outlives its peer."""
+        async with peer.prefetching:
+            if self.cache.get(subfolder, filename) is not None:
+                return
+            try:
+                taken, upstream = await self.open(peer, subfolder, filename)
+            except PeerError:
+                return
+            if upstream is not None and taken is not None:
+                await self.copies.fill(taken, upstream)
+            elif upstream is not None:
+                upstream.release()
+
+    async def open(self, peer: Peer, subfolder: str, filename: str
+                   ) -> tuple[Copy, None] | tuple[Copy, aiohttp.ClientResponse] | tuple[None, aiohttp.ClientResponse]:
+        """An output file not on disk here: (copy, None), a copy on its way to follow
+        (once it is opened()); (copy, answer), a new copy the caller fills from the
+        peer's answer; (None, answer), a file not to be kept, to relay as it is."""
+        taken = self.copies.get(subfolder, filename)
+        if taken is not None:
+            return taken, None
+        taken = self.copies.start(subfolder, filename)
+        try:
+            upstream = await peer.open_stream("GET", "/view?" + urlencode(
+                {"filename": filename, "subfolder": subfolder, "type": "output"}))
+        except BaseException:
+            self.copies.drop(taken)
+            raise
+        if not self.copies.fits(upstream):
+            self.copies.drop(taken)
+            return None, upstream
+        return taken, upstream

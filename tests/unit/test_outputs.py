@@ -1,7 +1,7 @@
 """Copies of outputs: the disk cache's bound, and readers following a copy in flight."""
 import asyncio
 
-from comfylb_ext.viewcache import Copy, ViewCache
+from comfylb_ext.outputs import Copy, ViewCache
 
 
 def test_cache_keeps_the_newest_within_its_bound(tmp_path):

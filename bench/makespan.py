@@ -7,7 +7,9 @@
 2. unequal peers (1x, 2x, 4x slower): least_busy (moving-average job time) and plain
    round_robin, against the ideal (total work / total speed);
 3. model affinity: two checkpoints alternating over four peers, each load costing --load
-   seconds: model loads and makespan with affinity and with plain least_busy.
+   seconds: model loads and makespan with affinity and with plain least_busy;
+4. cache affinity: prompts sent again once done (a user re-queueing), over three peers:
+   how many ComfyUI served from its cache, with affinity and with plain least_busy.
 Simulated peers stand in where the point is scheduling, not protocol; ratios, not times.
 """
 from __future__ import annotations
@@ -80,6 +82,28 @@ async def main() -> None:
     print(f"3. two checkpoints alternating over four peers (load {args.load} s): model loads "
           f"{loads[False]} plain -> {loads[True]} with affinity ({1 - loads[True] / loads[False]:.0%} fewer); "
           f"makespan {spans[False]:.2f} s -> {spans[True]:.2f} s (ratio {spans[True] / spans[False]:.3f})")
+
+    served, took = {}, {}
+    for affinity in (False, True):
+        async with lb_over_sims(3, max_queue=1, scheduler={"affinity": affinity}) as (url, sims, cl):
+            served[affinity], took[affinity] = await repeats(url, 10, random.Random(args.seed))
+    print(f"4. 10 prompts each sent again once done, three peers: served from cache {served[False]}/10 plain -> "
+          f"{served[True]}/10 with affinity; time {took[False]:.2f} s -> {took[True]:.2f} s "
+          f"(ratio {took[True] / took[False]:.3f})")
+
+
+async def repeats(url: str, rounds: int, rnd: random.Random) -> tuple[int, float]:
+    """Each round a new prompt, then the same again once it is done: (repeats served
+    whole from the peer's cache, seconds)."""
+    served = 0
+    async with Client(url) as c:
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            prompt = sleep_prompt(round(rnd.uniform(0.2, 0.6), 2))
+            await c.run(prompt)
+            again = await c.run(prompt)
+            served += sorted(again.first("execution_cached")["nodes"]) == sorted(prompt)
+        return served, time.perf_counter() - t0
 
 
 if __name__ == "__main__":

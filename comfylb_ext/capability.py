@@ -7,7 +7,8 @@ it uses and every model file it names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 Model = tuple[str, str, str]  # (class_type, input name, value)
 
@@ -17,6 +18,7 @@ class Requirements:
     classes: frozenset[str]
     models: frozenset[Model]
     nodes: tuple[tuple[str, str, tuple[Model, ...]], ...]  # (node id, class_type, its models): for errors
+    cache_keys: frozenset[int] = field(default=frozenset(), compare=False)  # see cache_keys()
 
     @property
     def model_key(self) -> frozenset[str]:
@@ -35,7 +37,34 @@ def requirements(prompt: dict) -> Requirements:
                      if name.endswith("_name") and isinstance(value, str))
         models.update(mine)
         nodes.append((str(nid), cls, mine))
-    return Requirements(frozenset(classes), frozenset(models), tuple(nodes))
+    return Requirements(frozenset(classes), frozenset(models), tuple(nodes), cache_keys(prompt))
+
+
+def cache_keys(prompt: dict) -> frozenset[int]:
+    """A key per node from its class and inputs, each link replaced by the key of the node
+    it comes from — as ComfyUI keys its cache: a node whose key the last prompt on a peer
+    also had is served from that peer's cache instead of running again."""
+    keys: dict[str, int] = {}
+    entered: set[str] = set()
+    for root in prompt:
+        stack = [(str(root), False)]
+        while stack:  # depth first without recursion: graphs can be deep
+            nid, ready = stack.pop()
+            node = prompt.get(nid)
+            if nid in keys or not isinstance(node, dict) or (not ready and nid in entered):
+                continue
+            entered.add(nid)
+            inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
+            links = {name: str(v[0]) for name, v in inputs.items()
+                     if isinstance(v, list) and len(v) == 2 and str(v[0]) in prompt}
+            if not ready:
+                stack.append((nid, True))
+                stack.extend((up, False) for up in links.values() if up not in keys)
+                continue
+            parts = [[name, keys.get(links[name], 0), inputs[name][1]] if name in links else [name, inputs[name]]
+                     for name in sorted(inputs)]  # a link in a cycle (invalid anyway) counts as 0
+            keys[nid] = hash(json.dumps([node.get("class_type"), parts], default=str))
+    return frozenset(keys.values())
 
 
 def _combo(spec) -> frozenset[str] | None:

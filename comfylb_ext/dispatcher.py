@@ -372,7 +372,8 @@ class Cluster(Recovery):
                 if depth >= PUMP_SCAN:
                     return
                 views = [p.view() for p in self.peers.values() if p.matches(task.targets) and p.can_run(task.req)]
-                chosen = pick(views, self.sched, task.req.model_key if task.req else frozenset())
+                chosen = pick(views, self.sched, task.req.model_key if task.req else frozenset(),
+                              task.req.cache_keys if task.req else frozenset())
                 if chosen is not None:
                     break
             else:
@@ -383,6 +384,7 @@ class Cluster(Recovery):
                 ahead.overtaken += 1
             self.queue.remove(task.prompt_id)
             peer.models = task.req.model_key if task.req else frozenset()
+            peer.cached = task.req.cache_keys if task.req else frozenset()
             if peer.freed_at is not None:
                 self.metrics.gap(peer.name, time.perf_counter() - peer.freed_at)
                 peer.freed_at = None

@@ -68,6 +68,7 @@ class Peer:
         self.job_time_total = 0.0
         self.job_time: float | None = None  # moving average (EWMA) of recent job times
         self.models: frozenset = frozenset()  # model files of the last prompt sent here
+        self.cached: frozenset = frozenset()  # its cache keys: what the peer's cache will hold
         self.freed_at: float | None = None  # when it last freed a slot while work waited (dispatch gap)
         self.prefetching = asyncio.Semaphore(2)  # outputs copied from it at once
         self.progress: dict | None = None  # the running prompt's latest `progress` event
@@ -111,7 +112,7 @@ class Peer:
 
     def view(self) -> PeerView:
         return PeerView(self.name, len(self.inflight), self.cfg.max_queue, self.cfg.weight,
-                        self.available, self.last_pick, self.job_time, self.models)
+                        self.available, self.last_pick, self.job_time, self.models, self.cached)
 
     def assign(self, task: Task) -> None:
         self.inflight[task.prompt_id] = task

@@ -21,6 +21,7 @@ class PeerView:
     last_pick: int = -1     # sequence number of the last dispatch to it (-1: never)
     job_time: float | None = None  # moving average of its job time (None: not known yet)
     models: frozenset = frozenset()  # model files of the last prompt sent to it
+    cached: frozenset = frozenset()  # cache keys of the last prompt sent to it (capability.cache_keys)
 
     @property
     def has_room(self) -> bool:
@@ -45,23 +46,29 @@ def eligible(peers: Sequence[PeerView], prefer_idle: bool) -> list[PeerView]:
     return room
 
 
-def pick(peers: Sequence[PeerView], state: SchedulerState, models: frozenset = frozenset()) -> PeerView | None:
+def pick(peers: Sequence[PeerView], state: SchedulerState, models: frozenset = frozenset(),
+         keys: frozenset = frozenset()) -> PeerView | None:
     """The peer that should get the next task, or None if no peer has room.
 
     With affinity, a peer that already holds the task's models wins among the peers the
-    strategy would consider — but never over an idle peer while the matching one is busy.
-    Ties go to the peer that was picked longest ago, so equal peers share work evenly.
+    strategy would consider, and among those the one whose last prompt shares the most
+    of its nodes (ComfyUI serves those from its cache) — but never over an idle peer
+    while the matching one is busy.  Ties go to the peer that was picked longest ago, so
+    equal peers share work evenly.
     """
     if state.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {state.strategy!r}")
     candidates = eligible(peers, state.prefer_idle)
     if not candidates:
         return None
-    if state.affinity and models:
+    if state.affinity and (models or keys):
         idle = [p for p in candidates if p.inflight == 0]
-        warm = [p for p in (idle or candidates) if p.models == models]
-        if warm:
-            candidates = warm
+        pool = idle or candidates
+        warm = [p for p in pool if models and p.models == models] or pool
+        shared = {p.name: len(p.cached & keys) for p in warm}
+        best = max(shared.values())
+        if warm is not pool or best > 0:  # only with a reason: the strategy decides otherwise
+            candidates = [p for p in warm if shared[p.name] == best]
     if state.strategy == "least_busy":
         # An idle peer first; among busy ones, the one whose queue empties soonest.
         return min(candidates, key=lambda p: (p.inflight > 0, expected_wait(p, peers), -p.weight, p.last_pick))

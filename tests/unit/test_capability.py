@@ -1,4 +1,4 @@
-from comfylb_ext.capability import Capabilities, requirements, unrunnable
+from comfylb_ext.capability import Capabilities, cache_keys, requirements, unrunnable
 from comfylb_ext.sim import catalog
 
 A = Capabilities(catalog([], ["a.safetensors"]))
@@ -52,3 +52,17 @@ def test_routing_rules_extract_and_refuse():
     assert error["message"] == "No peer can run this prompt" and "gpu48" in node_errors["9"]["errors"][0]["details"]
     assert per_peer_outputs(stripped, "a")["1"]["inputs"]["filename_prefix"] == "a/x"
     assert per_peer_outputs(per_peer_outputs(stripped, "a"), "a")["1"]["inputs"]["filename_prefix"] == "a/x"
+
+
+def test_cache_keys_change_with_a_node_and_everything_downstream_of_it():
+    def txt2img(seed: int, text: str = "a cat") -> dict:
+        return {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}},
+                "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
+                "3": {"class_type": "KSampler", "inputs": {"seed": seed, "model": ["4", 0], "positive": ["6", 0]}},
+                "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}}
+    assert cache_keys(txt2img(1)) == cache_keys(txt2img(1))
+    assert len(cache_keys(txt2img(1)) & cache_keys(txt2img(2))) == 2  # loader and text encoder
+    assert len(cache_keys(txt2img(1)) & cache_keys(txt2img(1, "a dog"))) == 1  # the loader
+    cycle = {"1": {"class_type": "A", "inputs": {"x": ["2", 0]}}, "2": {"class_type": "B", "inputs": {"y": ["1", 0]}}}
+    assert len(cache_keys(cycle)) == 2  # invalid, but no hang and no crash
+    assert len(cache_keys({str(i): {"class_type": "N", "inputs": {"prev": [str(i - 1), 0]}} for i in range(5000)})) == 5000

@@ -230,3 +230,15 @@ async def test_order_switches_at_runtime():
             assert status == 200 and info["order"] == "longest_first" and cluster.sched.order == "longest_first"
             status, body = await c.post("/lb/scheduler/order/random")
             assert status == 400 and body["orders"] == ["fifo", "longest_first"]
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+async def test_a_prompt_sent_again_goes_where_it_is_cached(affinity):
+    async with lb_over_sims(2, max_queue=1, scheduler={"affinity": affinity}) as (url, sims, cluster):
+        async with Client(url) as c:
+            prompt = sleep_prompt(0.1)
+            first = await c.run(prompt)
+            again = await c.run(prompt)  # both peers idle: plain least_busy takes the other one
+            cached = again.first("execution_cached")["nodes"]
+            assert (sorted(cached) == sorted(prompt)) is affinity
+            assert (cluster.record[first.prompt_id].peer == cluster.record[again.prompt_id].peer) is affinity

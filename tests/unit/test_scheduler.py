@@ -57,6 +57,19 @@ def test_affinity_prefers_the_warm_peer_but_never_over_an_idle_one():
     assert pick(ps, SchedulerState("least_busy", affinity=False), A).name == "cold"  # plain: longest ago
 
 
+def test_the_peer_whose_cache_holds_most_of_the_prompt_wins_among_equals():
+    keys = frozenset({1, 2, 3})
+    state = SchedulerState("least_busy", prefer_idle=True)
+    ps = [PeerView("other", 0, 2, cached=frozenset({1})), PeerView("same", 0, 2, cached=keys, last_pick=5)]
+    assert pick(ps, state, keys=keys).name == "same"  # though picked more recently
+    busy_same = [PeerView("other", 0, 2, cached=frozenset({1})), PeerView("same", 1, 2, cached=keys)]
+    assert pick(busy_same, state, keys=keys).name == "other"  # an idle peer still comes first
+    assert pick(ps, SchedulerState("least_busy", affinity=False), keys=keys).name == "other"
+    rr = SchedulerState("round_robin", prefer_idle=False)
+    plain = [PeerView("a", 1, 2), PeerView("b", 0, 2)]
+    assert pick(plain, rr, keys=keys).name == "a"  # nothing shared: the strategy alone decides
+
+
 def test_idle_first_then_the_queue_that_empties_soonest():
     state = SchedulerState("least_busy", prefer_idle=False)
     idle_slow, busy_fast = PeerView("slow", 0, 4, job_time=4.0), PeerView("fast", 1, 4, job_time=1.0)

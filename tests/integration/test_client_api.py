@@ -67,6 +67,15 @@ async def test_view_is_byte_identical_to_the_peers_file(balancer, peers):
         assert status == 400
 
 
+async def test_a_prompt_sent_again_is_served_from_the_peers_cache(balancer, peers):
+    async with Client(balancer.url) as c:
+        prompt = invert_prompt("again")
+        first = await c.run(prompt)
+        again = await c.run(prompt)  # both peers idle: it goes back to where its nodes are cached
+        assert sorted(again.first("execution_cached")["nodes"]) == sorted(prompt)
+        assert await ran_on(peers, first.prompt_id) == await ran_on(peers, again.prompt_id)
+
+
 async def test_history_entry_as_comfyui_writes_it(balancer):
     async with Client(balancer.url) as c:
         run = await c.run(invert_prompt())

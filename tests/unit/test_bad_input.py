@@ -131,7 +131,8 @@ def test_lb_routes(lb, name, state, limit, offset, strategy):
     for method, path in (("GET", f"/lb/tasks/{q}"), ("DELETE", f"/lb/tasks/{q}"), ("GET", f"/lb/backends/{q}"),
                          ("DELETE", f"/lb/backends/{q}"), ("POST", f"/lb/backends/{q}/enable"),
                          ("POST", f"/lb/backends/{q}/disable"),
-                         ("POST", f"/lb/scheduler/strategy/{requests.utils.quote(strategy, safe='')}")):
+                         ("POST", f"/lb/scheduler/strategy/{requests.utils.quote(strategy, safe='')}"),
+                         ("POST", f"/lb/scheduler/order/{requests.utils.quote(strategy, safe='')}")):
         if method == "DELETE" and path.startswith("/lb/backends/") and name in ("sim0", "sim1"):
             continue
         check(requests.request(method, lb + path, timeout=10))

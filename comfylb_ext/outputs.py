@@ -223,6 +223,7 @@ class Outputs:
         self.prefetch = prefetch and cache.enabled
         self.spawn = spawn
         self.holders: dict[tuple[str, str, str], str] = {}  # (type, subfolder, filename) → peer name
+        self.own: str | None = None  # the peer that is this machine's ComfyUI: its files are here already
         self.holders.update(db.load_files())
 
     def holder(self, typ: str, subfolder: str, filename: str) -> str | None:
@@ -241,7 +242,7 @@ class Outputs:
                     key = (item.get("type") or "output", item.get("subfolder") or "", item["filename"])
                     if fresh:
                         self.copies.forget(key[1], key[2])
-                    elif key[0] == "output" and self.prefetch:
+                    elif key[0] == "output" and self.prefetch and peer.name != self.own:
                         # not at `executed`: the client's own /view, which comes at once,
                         # is then the one copy taken, streamed to it as it arrives
                         self.spawn(self._prefetch(peer, key[1], key[2]))

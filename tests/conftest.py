@@ -57,7 +57,8 @@ def coordinator(comfy_env, workdir, name: str, config: dict | None) -> procs.Pro
     environ = {}
     if config is not None:
         path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
+        # its own state, as each ComfyUI's own custom_nodes/comfylb/config.yaml would have
+        path.write_text(yaml.safe_dump({"storage": {"dir": f"{name}-data"}, **config}))
         environ["COMFYLB_CONFIG"] = str(path)
     else:
         environ["COMFYLB_CONFIG"] = str(workdir / f"{name}-absent.yaml")

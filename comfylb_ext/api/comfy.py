@@ -191,6 +191,8 @@ class ComfyApi:
             return web.Response(status=403)
         base = os.path.basename(name)
         peer = self.cluster.producer_of(typ, sub, base)
+        if peer is not None and peer.name == self.cluster.outputs.own:
+            return None  # written by the ComfyUI this runs in: it serves its own files
         raw = "preview" not in q and q.get("channel", "rgba") == "rgba"
         if typ == "output" and raw:
             cached = self.cluster.outputs.cache.get(sub, base)

@@ -101,6 +101,7 @@ def attach(server: Any, cfg: Config) -> Cluster:
                         "output": folder_paths.get_output_directory(),
                         "temp": folder_paths.get_temp_directory()})
     cluster = Cluster(cfg, PromptServerHub(server), store, open_store(database_path(cfg)))
+    cluster.outputs.own = LOCAL if cfg.local.enabled else None
     api = ComfyApi(cluster, store, own_files=True, on_prompt=server.trigger_on_prompt)
 
     def cluster_only(handler) -> Intercept:

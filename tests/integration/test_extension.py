@@ -110,6 +110,12 @@ async def test_local_enabled_shares_the_work(coordinators, peers):
         remote = [await ran_on([peers[2]], r.prompt_id) for r in runs]
         assert sorted(map(len, remote)) == [0, 1]   # one on the peer, one on the coordinator itself
         assert len(outputs_on_disk(coord)) == 1
+        for run, elsewhere in zip(runs, remote):
+            image = run.first("executed")["output"]["images"][0]
+            holder = (peers[2].home if elsewhere else coord.home) / "output" / image["subfolder"] / image["filename"]
+            assert await c.get("/view", params=image) == (200, holder.read_bytes())
+        # the coordinator's own image is served by its ComfyUI, never copied beside itself
+        assert not (coord.home.parent / "coord_local-data" / "view-cache" / "local").exists()
 
 
 async def test_without_config_comfyui_is_stock(coordinators):

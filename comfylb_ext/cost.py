@@ -88,10 +88,12 @@ def _fit(runs: deque[tuple[tuple[float, ...], float]]) -> Fit:
     ys = [y for _, y in runs]
     width = min(len(x) for x, _ in runs)  # one key, one graph: the same length unless malformed
     varying = [i for i in range(width) if len({x[i] for x, _ in runs}) > 1][:MAX_FEATURES]
-    if len(runs) < len(varying) + 2:
+    if len(varying) > 1 and len(runs) < len(varying) + 3:
         # Too few runs to tell which numbers matter (a colour or a noise level varies
-        # too): the one that follows the time best, once three runs can show it.
-        varying = [max(varying, key=lambda i: _correlation([x[i] for x, _ in runs], ys))] if len(runs) >= 3 else []
+        # too): the one that follows the time best, once five runs can show it.
+        varying = [max(varying, key=lambda i: _correlation([x[i] for x, _ in runs], ys))] if len(runs) >= 5 else []
+    elif len(runs) < 3:
+        varying = []  # two points fit any line
     beta = _least_squares([[1.0] + [x[i] for i in varying] for x, _ in runs], ys) if varying else None
     return Fit(varying, beta) if beta is not None else Fit([], [sum(ys) / len(ys)])
 

@@ -27,6 +27,8 @@ def test_unknown_workflows_have_no_prediction_and_known_ones_follow_their_number
     model.observe(shape(sampler(30, 3)), 6.0)
     assert abs(model.predict(shape(sampler(40, 4))) - 8.0) < 1e-3  # steps explain the time
     model.observe(shape(sampler(10, 5, width=1024)), 4.0)
+    assert model.predict(shape(sampler(20, 6, width=1024))) == 4.0  # a second number varies: the mean, for now
+    model.observe(shape(sampler(30, 5, width=1024)), 8.0)
     assert abs(model.predict(shape(sampler(20, 6, width=1024))) - 6.0) < 1e-3
     assert model.predict(shape(sampler(20, 7, sampler_name="dpmpp_2m"))) is None
     assert model.predict(shape(sampler(0, 8))) >= 0.0  # never negative
@@ -46,9 +48,12 @@ def test_a_number_that_varies_at_random_does_not_fool_a_short_history():
         return {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "color": colour}},
                 "2": {"class_type": "TestSleep", "inputs": {"value": ["1", 0], "seconds": seconds}}}
     model = CostModel()
-    for seconds, colour in ((0.5, 9_000_000), (1.5, 120), (1.0, 4_000_000)):
+    runs = ((0.5, 9_000_000), (1.5, 120), (1.0, 4_000_000), (0.8, 11_000_000), (1.2, 77))
+    for seconds, colour in runs[:4]:
         model.observe(shape(sleep(seconds, colour)), seconds)
-    assert abs(model.predict(shape(sleep(1.2, 16_000_000))) - 1.2) < 1e-3
+    assert model.predict(shape(sleep(1.2, 16_000_000))) == 0.95  # four runs, two numbers: the mean
+    model.observe(shape(sleep(*runs[4])), runs[4][0])
+    assert abs(model.predict(shape(sleep(1.3, 16_000_000))) - 1.3) < 1e-3
 
 
 def test_what_was_learnt_survives_a_restart(tmp_path):

@@ -212,10 +212,14 @@ async def test_views_the_moment_an_image_is_announced_share_one_transfer():
 async def test_longest_first_runs_the_longest_predicted_prompt_first(order, expected):
     async with lb_over_sims(1, max_queue=1, scheduler={"order": order}) as (url, sims, cluster):
         async with Client(url) as c:
-            for seconds in (0.05, 0.15, 0.1):  # three runs teach it how time follows "seconds"
-                await c.run(sleep_prompt(seconds))
+            def sleep(seconds: float) -> dict:
+                prompt = sleep_prompt(seconds)
+                prompt["1"]["inputs"]["color"] = 7  # only "seconds" varies: three runs can show its effect
+                return prompt
+            for seconds in (0.05, 0.15, 0.1):
+                await c.run(sleep(seconds))
             assert (await c.post("/lb/backends/sim0/disable"))[0] == 200
-            runs = {s: (await c.queue(sleep_prompt(s)))[2] for s in (0.1, 0.4, 0.2)}
+            runs = {s: (await c.queue(sleep(s)))[2] for s in (0.1, 0.4, 0.2)}
             assert (await c.post("/lb/backends/sim0/enable"))[0] == 200
             await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs.values())), 20)
             started = sorted(runs, key=lambda s: runs[s].first("execution_start")["timestamp"])

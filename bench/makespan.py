@@ -4,8 +4,9 @@
 
 1. equal peers: 30 mixed prompts (0.3-1.5 s) over 3 peers, against the ideal
    (total work / peers, or the longest prompt);
-2. unequal peers (1x, 2x, 4x slower): least_busy (moving-average job time) and plain
-   round_robin, against the ideal (total work / total speed);
+2. unequal peers (1x, 2x, 4x slower): least_busy (moving-average job time), plain
+   round_robin, and least_busy with order longest_first, against the ideal (total work /
+   total speed);
 3. model affinity: two checkpoints alternating over four peers, each load costing --load
    seconds: model loads and makespan with affinity and with plain least_busy;
 4. cache affinity: prompts sent again once done (a user re-queueing), over three peers:
@@ -64,10 +65,10 @@ async def main() -> None:
     ideal_u = max(work / (1 + 1 / 2 + 1 / 4), max(durations))
     for max_queue in (1, 2):
         results = {}
-        for strategy in ("least_busy", "round_robin"):
+        for strategy, order in (("least_busy", "fifo"), ("round_robin", "fifo"), ("least_busy", "longest_first")):
             async with lb_over_sims(3, max_queue=max_queue, sim_kw=slow,
-                                    scheduler={"strategy": strategy}) as (url, sims, cl):
-                results[strategy] = await run_batch(url, [sleep_prompt(d) for d in durations])
+                                    scheduler={"strategy": strategy, "order": order}) as (url, sims, cl):
+                results[f"{strategy}/{order}"] = await run_batch(url, [sleep_prompt(d) for d in durations])
         print(f"2. peers 1x/2x/4x slower, max_queue {max_queue}: ideal {ideal_u:.2f} s; " + ", ".join(
             f"{k} {v:.2f} s (ratio {v / ideal_u:.3f})" for k, v in results.items()))
 

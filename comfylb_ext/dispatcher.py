@@ -361,7 +361,10 @@ class Cluster(Recovery):
         A task that only some peers may run (a routing rule) does not hold up the tasks
         behind it: they may take a peer it cannot use."""
         while True:
-            peers = [p for p in self.peers.values() if p.view().has_room]
+            # longest_first decides each peer's next prompt when the peer is free: a prompt
+            # sent ahead to a busy peer's queue starts later than its place in the order
+            cap = 1 if self.sched.order == "longest_first" else None
+            peers = [p for p in self.peers.values() if p.view(cap).has_room]
             if not peers:
                 return
             if not len(self.queue):
@@ -371,7 +374,7 @@ class Cluster(Recovery):
             for depth, task in enumerate(order):
                 if depth >= PUMP_SCAN:
                     return
-                views = [p.view() for p in self.peers.values() if p.matches(task.targets) and p.can_run(task.req)]
+                views = [p.view(cap) for p in self.peers.values() if p.matches(task.targets) and p.can_run(task.req)]
                 chosen = pick(views, self.sched, task.req.model_key if task.req else frozenset(),
                               task.req.cache_keys if task.req else frozenset())
                 if chosen is not None:
@@ -390,6 +393,7 @@ class Cluster(Recovery):
                 peer.freed_at = None
             peer.last_pick = next(self._picks)
             task.state, task.peer = DISPATCHED, peer.name
+            task.predicted = self.costs.predict(task.shape)
             task.attempts += 1
             task.dispatched_at = time.time()
             task.attempt_log.append({"peer": peer.name, "at": task.dispatched_at, "outcome": None})
@@ -534,10 +538,14 @@ class Cluster(Recovery):
             peer.progress = None
             if task.started_at:
                 seconds = time.time() - task.started_at
-                peer.record_job(seconds)
-                if event == "execution_success":
-                    self.costs.observe(task.shape, seconds)
-                    self.db.add_run(task.shape, seconds)
+                success = event == "execution_success"
+                peer.record_job(seconds, task.predicted if success else None)
+                if success:
+                    # in the cluster's typical peer's time, so a slow GPU's runs do not
+                    # make its workflows look long
+                    typical = seconds / (peer.pace or 1.0)
+                    self.costs.observe(task.shape, typical)
+                    self.db.add_run(task.shape, typical)
                 self.metrics.job(peer.name, seconds)
             if len(self.queue):
                 peer.freed_at = time.perf_counter()  # work waits: the gap until it gets some starts now

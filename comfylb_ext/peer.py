@@ -67,6 +67,9 @@ class Peer:
         self.jobs_failed = 0
         self.job_time_total = 0.0
         self.job_time: float | None = None  # moving average (EWMA) of recent job times
+        # moving average of its run times over the cost model's predictions: how much
+        # slower (>1) or faster than the cluster's typical peer it runs the same work
+        self.pace: float | None = None
         self.models: frozenset = frozenset()  # model files of the last prompt sent here
         self.cached: frozenset = frozenset()  # its cache keys: what the peer's cache will hold
         self.freed_at: float | None = None  # when it last freed a slot while work waited (dispatch gap)
@@ -98,10 +101,13 @@ class Peer:
     def mean_job_time(self) -> float | None:
         return self.job_time_total / self.jobs_done if self.jobs_done else None
 
-    def record_job(self, seconds: float) -> None:
+    def record_job(self, seconds: float, predicted: float | None = None) -> None:
         self.jobs_done += 1
         self.job_time_total += seconds
         self.job_time = seconds if self.job_time is None else (1 - JOB_TIME_WEIGHT) * self.job_time + JOB_TIME_WEIGHT * seconds
+        if predicted:
+            pace = seconds / predicted
+            self.pace = pace if self.pace is None else (1 - JOB_TIME_WEIGHT) * self.pace + JOB_TIME_WEIGHT * pace
 
     def matches(self, targets: frozenset[str] | None) -> bool:
         """Whether a routing rule (peer names or tags) lets a prompt run here."""
@@ -110,8 +116,11 @@ class Peer:
     def can_run(self, req: Requirements | None) -> bool:
         return req is None or self.caps is None or self.caps.can_run(req)
 
-    def view(self) -> PeerView:
-        return PeerView(self.name, len(self.inflight), self.cfg.max_queue, self.cfg.weight,
+    def view(self, max_queue: int | None = None) -> PeerView:
+        """Its state for the scheduler; `max_queue` caps its own (a dispatch order that
+        wants prompts to wait in the coordinator)."""
+        return PeerView(self.name, len(self.inflight), min(self.cfg.max_queue, max_queue or self.cfg.max_queue),
+                        self.cfg.weight,
                         self.available, self.last_pick, self.job_time, self.models, self.cached)
 
     def assign(self, task: Task) -> None:

@@ -32,6 +32,7 @@ class Task:
     req: Any = None  # capability.Requirements: node types and model files it needs
     stealing: bool = False  # being taken back from its peer's queue for an idle peer
     overtaken: int = 0  # times a prompt queued after it was dispatched first (longest_first)
+    predicted: float | None = None  # the cost model's run time for it when dispatched
     _shape: Shape | None = field(default=None, repr=False)
     _item_json: str | None = field(default=None, repr=False)
     seq: int = 0

@@ -68,3 +68,27 @@ def test_what_was_learnt_survives_a_restart(tmp_path):
         model.observe(s, seconds)
     assert abs(model.predict(shape(sampler(50, 1))) - 10.0) < 1e-3
     assert len(Store(tmp_path / "state.db").load_runs(keep=3)) == 3
+
+
+def test_a_peers_pace_is_its_run_times_over_the_predictions():
+    from comfylb_ext.config import BackendConfig
+    from comfylb_ext.peer import Peer
+
+    slow = Peer(BackendConfig(name="slow"), session=None, client_id="c", listener=None)
+    slow.record_job(2.0)  # nothing predicted yet: no pace
+    assert slow.pace is None
+    for _ in range(20):
+        slow.record_job(4.0, predicted=1.0)
+    assert abs(slow.pace - 4.0) < 1e-9 and abs(slow.job_time - 4.0) < 0.01
+
+
+async def test_under_longest_first_prompts_wait_in_the_coordinator_until_a_peer_is_free():
+    from tests.client import Client, sleep_prompt
+    from tests.simcluster import lb_over_sims
+
+    async with lb_over_sims(1, max_queue=3, scheduler={"order": "longest_first"}) as (url, sims, cluster):
+        async with Client(url) as c:
+            runs = [(await c.queue(sleep_prompt(0.2)))[2] for _ in range(3)]
+            await c.until(lambda: "execution_start" in runs[0].types())
+            assert len(cluster.queue) == 2 and sims[0].sim.queue == []  # not sent ahead to the peer
+            await c.until(lambda: all(r.done.is_set() for r in runs))

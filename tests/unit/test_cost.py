@@ -81,14 +81,3 @@ def test_a_peers_pace_is_its_run_times_over_the_predictions():
         slow.record_job(4.0, predicted=1.0)
     assert abs(slow.pace - 4.0) < 1e-9 and abs(slow.job_time - 4.0) < 0.01
 
-
-async def test_under_longest_first_prompts_wait_in_the_coordinator_until_a_peer_is_free():
-    from tests.client import Client, sleep_prompt
-    from tests.simcluster import lb_over_sims
-
-    async with lb_over_sims(1, max_queue=3, scheduler={"order": "longest_first"}) as (url, sims, cluster):
-        async with Client(url) as c:
-            runs = [(await c.queue(sleep_prompt(0.2)))[2] for _ in range(3)]
-            await c.until(lambda: "execution_start" in runs[0].types())
-            assert len(cluster.queue) == 2 and sims[0].sim.queue == []  # not sent ahead to the peer
-            await c.until(lambda: all(r.done.is_set() for r in runs))

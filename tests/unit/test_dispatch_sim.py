@@ -246,3 +246,12 @@ async def test_a_prompt_sent_again_goes_where_it_is_cached(affinity):
             cached = again.first("execution_cached")["nodes"]
             assert (sorted(cached) == sorted(prompt)) is affinity
             assert (cluster.record[first.prompt_id].peer == cluster.record[again.prompt_id].peer) is affinity
+
+
+async def test_under_longest_first_prompts_wait_in_the_coordinator_until_a_peer_is_free():
+    async with lb_over_sims(1, max_queue=3, scheduler={"order": "longest_first"}) as (url, sims, cluster):
+        async with Client(url) as c:
+            runs = [(await c.queue(sleep_prompt(0.2)))[2] for _ in range(3)]
+            await c.until(lambda: "execution_start" in runs[0].types())
+            assert len(cluster.queue) == 2 and sims[0].sim.queue == []  # not sent ahead to the peer
+            await c.until(lambda: all(r.done.is_set() for r in runs))

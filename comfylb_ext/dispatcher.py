@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 STATUS_EVENT = "comfylb.status"   # the custom websocket event that carries live state
 PUSH_EVERY = 0.1                  # seconds: at most this many pushes of it per second
 SNAPSHOT_TASKS = 50               # queued/running tasks included in a push
+SCHEDULER_CHOICES = {"strategy": STRATEGIES, "order": ORDERS}  # what /lb/scheduler/{key}/{value} may set
 RECORD_SIZE = 10000               # finished tasks kept for /lb/tasks
 RUNS_KEPT = 10000                 # run times kept for the cost model across restarts
 OBJECT_INFO_EVERY = 12            # health checks between refreshes of a peer's /object_info
@@ -236,21 +237,15 @@ class Cluster(Recovery):
             self.changed()
             self.pump()
 
-    def set_strategy(self, strategy: str) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(strategy)
-        if self.sched.strategy != strategy:
-            log.info("strategy: %s -> %s", self.sched.strategy, strategy)
-            self.sched.strategy = strategy
-            self.sched.cursor = 0
-            self.changed()
-
-    def set_order(self, order: str) -> None:
-        if order not in ORDERS:
-            raise ValueError(order)
-        if self.sched.order != order:
-            log.info("order: %s -> %s", self.sched.order, order)
-            self.sched.order = order
+    def set_scheduler(self, key: str, value: str) -> None:
+        """Switch the strategy or the dispatch order at runtime."""
+        if value not in SCHEDULER_CHOICES[key]:
+            raise ValueError(value)
+        if getattr(self.sched, key) != value:
+            log.info("%s: %s -> %s", key, getattr(self.sched, key), value)
+            setattr(self.sched, key, value)
+            if key == "strategy":
+                self.sched.cursor = 0  # round_robin starts over
             self.changed()
 
     # -- health --------------------------------------------------------------------

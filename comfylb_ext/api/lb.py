@@ -8,8 +8,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ..config import ORDERS, STRATEGIES, ConfigError, parse_backend
-from ..dispatcher import Cluster
+from ..config import ConfigError, parse_backend
+from ..dispatcher import SCHEDULER_CHOICES, Cluster
 from ..tasks import QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,8 +45,8 @@ class LbApi:
             ("DELETE", "/lb/tasks/{task_id}", self.cancel_task),
             ("POST", "/lb/health-check", self.health_check),
             ("GET", "/lb/scheduler", self.scheduler),
-            ("POST", "/lb/scheduler/strategy/{strategy}", self.set_strategy),
-            ("POST", "/lb/scheduler/order/{order}", self.set_order),
+            ("POST", "/lb/scheduler/strategy/{value}", self.scheduler_setter("strategy", "strategies")),
+            ("POST", "/lb/scheduler/order/{value}", self.scheduler_setter("order", "orders")),
         ]
         return [(m, p, self._guard(h)) for m, p, h in guarded]
 
@@ -172,16 +172,11 @@ class LbApi:
              "last_error": p.health.last_error, "checked_at": p.health.checked_at}
             for p in self.cluster.peers.values()]})
 
-    async def set_strategy(self, request: web.Request) -> web.Response:
-        strategy = request.match_info["strategy"]
-        if strategy not in STRATEGIES:
-            return error(400, f"unknown strategy {strategy!r}", strategies=list(STRATEGIES))
-        self.cluster.set_strategy(strategy)
-        return web.json_response(self.cluster.scheduler_info())
-
-    async def set_order(self, request: web.Request) -> web.Response:
-        order = request.match_info["order"]
-        if order not in ORDERS:
-            return error(400, f"unknown order {order!r}", orders=list(ORDERS))
-        self.cluster.set_order(order)
-        return web.json_response(self.cluster.scheduler_info())
+    def scheduler_setter(self, key: str, plural: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            value, choices = request.match_info["value"], SCHEDULER_CHOICES[key]
+            if value not in choices:
+                return error(400, f"unknown {key} {value!r}", **{plural: list(choices)})
+            self.cluster.set_scheduler(key, value)
+            return web.json_response(self.cluster.scheduler_info())
+        return handler

@@ -311,16 +311,16 @@ class ComfyApi:
             ref_sub = str(ref.get("subfolder") or "")
         except (ValueError, KeyError, TypeError, AttributeError):
             return bad_request("original_ref must be JSON naming the image: {\"filename\": ...}")
-        peer = self.cluster.producer_of(ref_type, ref_sub, ref_name)
+        holder = self.cluster.producer_of(ref_type, ref_sub, ref_name)
         stored = self.store.lookup(ref_type, ref_sub, ref_name)
-        if peer is None and stored is None:
+        if holder is None and stored is None:
             return bad_request("The image the mask belongs to is unknown", ref_name)
-        peer = peer or self.cluster.any_peer()
+        peer = holder or self.cluster.any_peer()
         if peer is None:
             return web.Response(status=503, text="no peer available to apply the mask")
         sub = str(post.get("subfolder", ""))
         try:
-            if stored is not None and self.cluster.producer_of(ref_type, ref_sub, ref_name) is None:
+            if stored is not None and holder is None:
                 await peer.deliver(stored, self.store.path_of(stored))
             composited = await _peer_mask(peer, data, image.filename, post.get("original_ref"))
             f = self.store.save(composited, image.filename, sub, typ,

@@ -30,6 +30,13 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8100
     debug: bool = False
+    # Standalone: the peer that answers ComfyUI routes the balancer does not own (users,
+    # settings, userdata, templates, …); "" = the first enabled peer in the config.
+    forward_to: str = ""
+    # Each client gets one prompt's messages at a time, in queue order, as from one ComfyUI
+    # (execution stays parallel); false: every message as it comes.  A client can opt in
+    # to that itself with the feature flag `comfylb_interleave`.
+    ordered_delivery: bool = True
 
 
 @dataclass

@@ -15,6 +15,7 @@ import uuid
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import aiohttp
 
@@ -23,10 +24,11 @@ from .cost import CostModel
 from .config import ORDERS, STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
 from .history import History
+from .jobs import is_canonical_uuid
 from .metrics import Metrics
 from .recovery import TERMINAL_EVENTS, Recovery, _now_ms, _outcome
 from .peer import Peer, PeerError
-from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview
+from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview, without_asset_ids
 from .scheduler import SchedulerState, longest_first, pick
 from .store import Store
 from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, Task,
@@ -56,7 +58,7 @@ class Cluster(Recovery):
     def __init__(self, cfg: Config, hub: Hub, store: InputStore, db: Store | None = None) -> None:
         self.cfg = cfg
         self.db = db or Store(None)
-        self.relay = Relay(hub)
+        self.relay = Relay(hub, cfg.server.ordered_delivery)
         self.store = store
         self.peers: dict[str, Peer] = {}
         self.queue = TaskQueue()
@@ -115,6 +117,7 @@ class Cluster(Recovery):
                 continue
             task.req = capability.requirements(task.prompt)
             self.tasks[task.prompt_id] = task
+            self.relay.expect(task.client_id, task.prompt_id, (task.number, task.seq))
             peer = self.peers.get(task.peer) if task.state in (DISPATCHED, RUNNING) else None
             if peer is not None:
                 peer.assign(task)
@@ -299,7 +302,15 @@ class Cluster(Recovery):
         if "prompt" not in data:
             return 400, validation.error_body(validation._err("no_prompt", "No prompt provided", "No prompt provided"))
         prompt = data["prompt"]
-        prompt_id = str(data["prompt_id"]) if data.get("prompt_id") is not None else str(uuid.uuid4())
+        prompt_id = data.get("prompt_id")
+        if prompt_id is None:
+            prompt_id = str(uuid.uuid4())
+        elif not is_canonical_uuid(prompt_id):
+            # today's ComfyUI refuses anything else, so a peer would refuse it later
+            return 400, validation.error_body(validation._err(
+                "invalid_prompt_id", "prompt_id must be a valid UUID",
+                "prompt_id must be a UUID string in canonical lowercase hyphenated form; "
+                "omit it to let the server generate one"))
         partial = data.get("partial_execution_targets")
         if partial is not None and not (isinstance(partial, list) and all(isinstance(x, str) for x in partial)):
             return 400, validation.error_body(validation._err(
@@ -322,8 +333,8 @@ class Cluster(Recovery):
             if refusal is not None:
                 return 400, validation.error_body(*refusal)
         if prompt_id in self.tasks:
-            return 400, validation.error_body(validation._err(
-                "invalid_prompt", "A prompt with this prompt_id is already queued.", prompt_id))
+            return 409, validation.error_body(validation._err(
+                "duplicate_prompt_id", "A prompt with this prompt_id is already pending or running.", prompt_id))
         if len(self.queue) >= self.cfg.queue.max_size:
             return 503, validation.error_body(validation._err(
                 "queue_full", "The queue is full; try again later.",
@@ -332,6 +343,7 @@ class Cluster(Recovery):
         if not isinstance(extra, dict):
             return 400, validation.error_body(validation._err("invalid_prompt", "extra_data must be an object", ""))
         extra = dict(extra)
+        extra["create_time"] = int(time.time() * 1000)  # as ComfyUI: the jobs API sorts and the UI validates by it
         client_id = data.get("client_id")
         if client_id is not None:
             extra["client_id"] = client_id
@@ -341,6 +353,7 @@ class Cluster(Recovery):
         self.tasks[prompt_id] = task
         self._remember(task)
         self.queue.push(task)
+        self.relay.expect(task.client_id, prompt_id, (task.number, task.seq))
         self.db.add_task(task)
         self.db.put("number", self.numbering.next)
         self.counts["submitted"] += 1
@@ -445,8 +458,8 @@ class Cluster(Recovery):
                 peer.forget(task.prompt_id)
                 self._requeue(task)
             return
-        if status == 200:
-            return
+        if status == 200 or status == 409:
+            return  # 409: today's ComfyUI already holds this id, from an attempt whose answer we lost
         if peer.tasks.get(task.prompt_id) is not task:
             return
         log.info("peer %s rejected %s: HTTP %s", peer.name, task.prompt_id, status)
@@ -465,6 +478,8 @@ class Cluster(Recovery):
 
     async def _fail(self, task: Task, error: dict) -> None:
         """End a task that no peer ran: execution_error to its client and into history."""
+        # the newest web UI drops the whole job list if one error names no node as a string
+        error = {**error, "node_id": error.get("node_id") or "", "node_type": error.get("node_type") or ""}
         task.state, task.finished_at = FAILED, time.time()
         task.error = error.get("exception_message")
         _outcome(task, "failed: " + str(task.error))
@@ -476,9 +491,10 @@ class Cluster(Recovery):
         self.db.update_task(task)
         self.counts["failed"] += 1
         self.changed()
-        await self.relay.json(task.client_id, "execution_error", error)
+        await self.relay.json(task.client_id, "execution_error", error, task.prompt_id)
         await self.broadcast_status()
-        await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": task.prompt_id})
+        await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": task.prompt_id}, task.prompt_id)
+        await self.relay.end(task.client_id, task.prompt_id)
 
     # -- peer events ---------------------------------------------------------------
     async def on_link_up(self, peer: Peer) -> None:
@@ -525,6 +541,7 @@ class Cluster(Recovery):
             peer.progress = {k: data.get(k) for k in ("prompt_id", "node", "value", "max")}
             self.changed()
         elif event == "executed":
+            data = {**data, "output": without_asset_ids(data.get("output"))}
             self.outputs.record(peer, (data.get("output") or {}), fresh=True)
         if event in _STATUS_EVENTS:
             task.messages.append([event, data])
@@ -551,7 +568,7 @@ class Cluster(Recovery):
         if event == "executing" and data.get("node") is None:
             await self._finish(task, peer)
             return
-        await self.relay.json(task.client_id, event, data)
+        await self.relay.json(task.client_id, event, data, pid)
 
     async def on_binary(self, peer: Peer, data: bytes) -> None:
         if len(data) < 4:
@@ -562,11 +579,11 @@ class Cluster(Recovery):
             parsed = parse_preview(payload)
             task = peer.tasks.get(parsed[0].get("prompt_id")) if parsed else None
             if task is not None:
-                await self.relay.preview(task.client_id, payload)
+                await self.relay.preview(task.client_id, payload, task.prompt_id)
             return
         task = peer.tasks.get(peer.running) if peer.running else None
         if task is not None:
-            await self.relay.binary(task.client_id, event, payload)
+            await self.relay.binary(task.client_id, event, payload, task.prompt_id)
 
     # -- history -----------------------------------------------------------------------
     def _add_history(self, prompt_id: str, entry: dict) -> None:
@@ -591,7 +608,7 @@ class Cluster(Recovery):
         peer.forget(task.prompt_id)
         entry = None
         try:
-            got = await peer.get_json(f"/history/{task.prompt_id}", timeout=10)
+            got = await peer.get_json(f"/history/{quote(task.prompt_id, safe='')}", timeout=10)
             entry = got.get(task.prompt_id) if isinstance(got, dict) else None
         except PeerError as e:
             log.warning("peer %s: history of %s unavailable (%s); using relayed events", peer.name, task.prompt_id, e)
@@ -606,7 +623,10 @@ class Cluster(Recovery):
             ok = any(m[0] == "execution_success" for m in task.messages)
             entry["status"] = {"status_str": "success" if ok else "error", "completed": ok,
                                "messages": copy.deepcopy(task.messages)}
-        for node_outputs in (entry.get("outputs") or {}).values():  # history: by node, then kind
+        if not isinstance(entry.get("outputs"), dict):
+            entry["outputs"] = {}
+        entry["outputs"] = {nid: without_asset_ids(o) for nid, o in entry["outputs"].items()}
+        for node_outputs in entry["outputs"].values():  # history: by node, then kind
             if isinstance(node_outputs, dict):
                 self.outputs.record(peer, node_outputs)
         ok = entry["status"].get("status_str") == "success"
@@ -622,7 +642,8 @@ class Cluster(Recovery):
         self.changed()
         await self._retire_if_idle(peer)
         await self.broadcast_status()
-        await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": task.prompt_id})
+        await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": task.prompt_id}, task.prompt_id)
+        await self.relay.end(task.client_id, task.prompt_id)
 
     # -- queue control ---------------------------------------------------------------
     def queue_remaining(self) -> int:
@@ -642,22 +663,45 @@ class Cluster(Recovery):
         """POST /queue {delete}: pending prompts leave the queue; dispatched ones are
         deleted on their peer; running ones are left alone, as in ComfyUI."""
         for pid in prompt_ids:
-            task = self.queue.remove(pid)
-            if task is not None:
-                self._cancelled(task)
-                continue
-            task = self.tasks.get(pid)
-            if task is not None and task.state == DISPATCHED and task.peer in self.peers:
-                await self._delete_on_peer(task, self.peers[task.peer])
+            await self._dequeue(pid)
         await self.broadcast_status()
         self.pump()
+
+    async def _dequeue(self, pid: str) -> bool:
+        """A pending prompt (here or in its peer's queue) never runs: True if it was taken."""
+        task = self.queue.remove(pid)
+        if task is None:
+            task = self.tasks.get(pid)
+            if task is None or task.state != DISPATCHED or task.peer not in self.peers:
+                return False
+            await self._delete_on_peer(task, self.peers[task.peer])
+        else:
+            self._cancelled(task)
+        if task.state != CANCELLED:
+            return False
+        await self.relay.end(task.client_id, task.prompt_id)  # deleted silently, as ComfyUI does
+        return True
+
+    async def cancel_job(self, prompt_id: str) -> bool:
+        """POST /api/jobs/{id}/cancel, as today's ComfyUI: a pending job is dequeued
+        silently, a running one interrupted on its peer; True if either happened."""
+        task = self.tasks.get(prompt_id)
+        if task is None:
+            return False
+        if task.state != RUNNING and await self._dequeue(prompt_id):
+            await self.broadcast_status()
+            self.pump()
+            return True
+        if self.tasks.get(prompt_id) is not task:
+            return False  # it ended meanwhile
+        return await self.interrupt(prompt_id)
 
     async def clear(self) -> None:
         for task in self.queue.clear():
             self._cancelled(task)
+            await self.relay.end(task.client_id, task.prompt_id)
         for task in [t for t in self.tasks.values() if t.state == DISPATCHED]:
-            if task.peer in self.peers:
-                await self._delete_on_peer(task, self.peers[task.peer])
+            await self._dequeue(task.prompt_id)
         await self.broadcast_status()
         self.pump()
 
@@ -689,25 +733,33 @@ class Cluster(Recovery):
             await self.interrupt(prompt_id)
             return True
         await self.relay.json(task.client_id, "execution_interrupted", {
-            "prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [], "timestamp": _now_ms()})
+            "prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [], "timestamp": _now_ms()},
+            prompt_id)
         await self.broadcast_status()
-        await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": prompt_id})
+        await self.relay.json(task.client_id, "executing", {"node": None, "prompt_id": prompt_id}, prompt_id)
+        await self.relay.end(task.client_id, prompt_id)
         self.pump()
         return True
 
-    async def interrupt(self, prompt_id: str | None) -> None:
-        if prompt_id is not None:
-            task = self.tasks.get(prompt_id)
-            targets = [(self.peers.get(task.peer), {"prompt_id": prompt_id})] if task and task.peer else []
-        else:
-            targets = [(p, {}) for p in self.peers.values() if p.running or p.inflight]
-        for peer, body in targets:
-            if peer is None:
-                continue
-            try:
-                await peer.post_json("/interrupt", body)
-            except PeerError as e:
-                log.warning("peer %s: interrupt failed: %s", peer.name, e)
+    async def interrupt(self, prompt_id: str | None) -> bool:
+        """POST /interrupt.  Without a prompt_id a single ComfyUI stops the one prompt it
+        is running, whoever queued it: here that is the running prompt queued first, so
+        one caller's interrupt never stops every peer.  True if a peer was asked."""
+        if prompt_id is None:
+            running = [t for t in self.tasks.values() if t.state == RUNNING]
+            if not running:
+                return False
+            prompt_id = min(running, key=lambda t: (t.number, t.seq)).prompt_id
+        task = self.tasks.get(prompt_id)
+        peer = self.peers.get(task.peer) if task is not None and task.peer else None
+        if peer is None:
+            return False
+        try:
+            status, _ = await peer.post_json("/interrupt", {"prompt_id": prompt_id})
+        except PeerError as e:
+            log.warning("peer %s: interrupt failed: %s", peer.name, e)
+            return False
+        return status == 200
 
     # -- files -------------------------------------------------------------------------
     def producer_of(self, typ: str, subfolder: str, filename: str) -> Peer | None:
@@ -726,12 +778,19 @@ def _rejection_message(task: Task, peer: str, status: int, body: Any) -> dict:
     lines = []
     if isinstance(body, dict):
         err = body.get("error") or {}
-        if isinstance(err, dict):
+        if isinstance(err, str):  # some ComfyUI versions answer {"error": "text"}
+            lines.append(err)
+        elif isinstance(err, dict):
             lines.append(f"{err.get('message', '')}: {err.get('details', '')}".strip(": "))
-        for nid, ne in (body.get("node_errors") or {}).items():
+        node_errors = body.get("node_errors")
+        for nid, ne in (node_errors.items() if isinstance(node_errors, dict) else ()):
+            if not isinstance(ne, dict) or not isinstance(ne.get("errors", []), list):
+                continue
             node_id = node_id or nid
             node_type = node_type or ne.get("class_type")
             for e in ne.get("errors", []):
+                if not isinstance(e, dict):
+                    continue
                 lines.append(f"{ne.get('class_type', nid)} {nid}: {e.get('message', '')}: {e.get('details', '')}")
     else:
         lines.append(str(body)[:500])

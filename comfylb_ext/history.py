@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import Iterator
+
+from . import jobs
 
 MAXIMUM_HISTORY_SIZE = 10000
 
@@ -17,6 +20,7 @@ class History:
         self._entries: OrderedDict[str, dict] = OrderedDict()
         self.max_size = max_size
         self.counter = 0
+        self._jobs: dict[str, dict] = {}  # the jobs API's view of each entry, made once: entries never change
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -33,10 +37,19 @@ class History:
         entry["prompt"] = prompt
         self.counter += 1
         self._entries.pop(prompt_id, None)
+        self._jobs.pop(prompt_id, None)
         self._entries[prompt_id] = entry
         while len(self._entries) > self.max_size:
-            self._entries.popitem(last=False)
+            self._jobs.pop(self._entries.popitem(last=False)[0], None)
         return entry
+
+    def jobs(self) -> Iterator[dict]:
+        """Every entry as GET /api/jobs lists it."""
+        for pid, entry in self._entries.items():
+            job = self._jobs.get(pid)
+            if job is None:
+                job = self._jobs[pid] = jobs.history_job(pid, entry)
+            yield job
 
     def restore(self, prompt_id: str, position: int, entry: dict) -> None:
         """Put back an entry saved earlier, keeping its number."""
@@ -61,6 +74,8 @@ class History:
 
     def delete(self, prompt_id: str) -> None:
         self._entries.pop(prompt_id, None)
+        self._jobs.pop(prompt_id, None)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._jobs.clear()

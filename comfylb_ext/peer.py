@@ -234,10 +234,11 @@ class Peer:
         self.delivered[f.key] = f.sha256
         log.debug("peer %s: delivered %s", self.name, f.key)
 
-    async def open_stream(self, method: str, path: str, **kw) -> aiohttp.ClientResponse:
+    async def open_stream(self, method: str, path: str, headers: dict[str, str] | None = None,
+                          **kw) -> aiohttp.ClientResponse:
         """A response to stream through (caller releases it)."""
         try:
-            return await self.session.request(method, self.url + path, headers=self.headers,
+            return await self.session.request(method, self.url + path, headers={**(headers or {}), **self.headers},
                                               timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout,
                                                                             sock_read=self.request_timeout), **kw)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:

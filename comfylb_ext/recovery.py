@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from urllib.parse import quote
 
 from .health import UNHEALTHY
 from .peer import Peer, PeerError
@@ -64,7 +65,7 @@ class Recovery:
         for task in list(peer.tasks.values()):
             pid = task.prompt_id
             try:
-                hist = await peer.get_json(f"/history/{pid}")
+                hist = await peer.get_json(f"/history/{quote(pid, safe='')}")
                 running, pending = await peer.held() if pid not in hist else (set(), set())
             except PeerError:
                 return  # the link will drop again and _recover_after takes over
@@ -74,7 +75,7 @@ class Recovery:
                 messages = ((hist[pid].get("status") or {}).get("messages")) or []
                 if messages and messages[-1][0] in TERMINAL_EVENTS:
                     peer.release(pid)
-                    await self.relay.json(task.client_id, messages[-1][0], messages[-1][1])
+                    await self.relay.json(task.client_id, messages[-1][0], messages[-1][1], pid)
                 await self._finish(task, peer)
                 continue
             if pid not in running | pending:

@@ -10,6 +10,8 @@ import logging
 import struct
 from typing import Any, Protocol
 
+from .delivery import INTERLEAVE_FLAG, Delivery
+
 log = logging.getLogger(__name__)
 
 PREVIEW_IMAGE = 1
@@ -26,7 +28,25 @@ class Hub(Protocol):
 
     async def send_json(self, event: str, data: Any, sid: str | None = None) -> None: ...
     async def send_bytes(self, event: int, payload: bytes, sid: str | None = None) -> None: ...
-    def wants_metadata(self, sid: str) -> bool: ...
+    def client_flags(self, sid: str) -> dict: ...
+
+
+# Asset-record ids a peer with assets enabled adds to output items: they name rows in that
+# peer's own database and mean nothing (a 404) anywhere else.
+PEER_LOCAL_KEYS = ("id", "preview_id")
+
+
+def without_asset_ids(output: Any) -> Any:
+    """A node's outputs ({kind: [item, …]}) with the peer-local asset ids taken out."""
+    if not isinstance(output, dict):
+        return output
+    out = {}
+    for kind, items in output.items():
+        if isinstance(items, list):
+            items = [{k: v for k, v in i.items() if k not in PEER_LOCAL_KEYS} if isinstance(i, dict) else i
+                     for i in items]
+        out[kind] = items
+    return out
 
 
 def parse_preview(payload: bytes) -> tuple[dict, bytes] | None:
@@ -48,29 +68,46 @@ def legacy_preview(meta: dict, image: bytes) -> bytes:
 
 
 class Relay:
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    """A prompt's messages to its client, in the order one ComfyUI would send them
+    (delivery.py); `end` once a prompt will say nothing more."""
 
-    async def json(self, client_id: str | None, event: str, data: Any) -> None:
+    def __init__(self, hub: Hub, ordered: bool = True) -> None:
+        self.hub = hub
+        self.delivery = Delivery(ordered)
+
+    def expect(self, client_id: str | None, prompt_id: str, key: tuple) -> None:
+        self.delivery.expect(client_id, prompt_id, key)
+
+    async def end(self, client_id: str | None, prompt_id: str) -> None:
+        await self.delivery.end(client_id, prompt_id)
+
+    async def _deliver(self, client_id: str | None, prompt_id: str | None, send, size: int) -> None:
+        interleave = bool(client_id and self.hub.client_flags(client_id).get(INTERLEAVE_FLAG))
+        await self.delivery.send(client_id, prompt_id, send, size, interleave)
+
+    async def json(self, client_id: str | None, event: str, data: Any, prompt_id: str | None = None) -> None:
         if client_id:
-            await self.hub.send_json(event, data, client_id)
+            await self._deliver(client_id, prompt_id, lambda: self.hub.send_json(event, data, client_id), 1024)
         elif event in _BROADCAST_WITHOUT_CLIENT:
             await self.hub.send_json(event, data, None)
 
-    async def preview(self, client_id: str | None, payload: bytes) -> None:
+    async def preview(self, client_id: str | None, payload: bytes, prompt_id: str | None = None) -> None:
         """A type-4 payload from a peer, to the client in the form it asked for."""
         parsed = parse_preview(payload)
         if parsed is None:
             log.debug("dropping malformed preview frame (%d bytes)", len(payload))
             return
-        if client_id and self.hub.wants_metadata(client_id):
-            await self.hub.send_bytes(PREVIEW_IMAGE_WITH_METADATA, payload, client_id)
+        if client_id and self.hub.client_flags(client_id).get("supports_preview_metadata"):
+            event, frame = PREVIEW_IMAGE_WITH_METADATA, payload
         else:
-            await self.hub.send_bytes(PREVIEW_IMAGE, legacy_preview(*parsed), client_id or None)
+            event, frame = PREVIEW_IMAGE, legacy_preview(*parsed)
+        await self._deliver(client_id, prompt_id, lambda: self.hub.send_bytes(event, frame, client_id or None),
+                            len(frame))
 
-    async def binary(self, client_id: str | None, event: int, payload: bytes) -> None:
+    async def binary(self, client_id: str | None, event: int, payload: bytes, prompt_id: str | None = None) -> None:
         """Any other binary frame (legacy previews, progress text): passed through."""
-        await self.hub.send_bytes(event, payload, client_id or None)
+        await self._deliver(client_id, prompt_id, lambda: self.hub.send_bytes(event, payload, client_id or None),
+                            len(payload))
 
     async def status(self, queue_remaining: int) -> None:
         await self.hub.send_json("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}})

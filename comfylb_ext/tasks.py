@@ -57,6 +57,13 @@ class Task:
             self._shape = shape(self.prompt)
         return self._shape
 
+    @property
+    def create_time(self) -> int:
+        """When it was submitted, in ms: ComfyUI's extra_data.create_time (tasks saved by
+        an older ComfyLB have none)."""
+        value = self.extra_data.get("create_time")
+        return value if isinstance(value, int) else int(self.created * 1000)
+
     def public_extra_data(self) -> dict:
         extra = {k: v for k, v in self.extra_data.items() if k not in SENSITIVE_KEYS}
         if self.client_id is not None:

@@ -11,8 +11,10 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from .. import jobs
 from ..dispatcher import Cluster
 from ..peer import Peer, PeerError
+from ..tasks import RUNNING
 from ..uploads import TYPES, InputStore, UploadError, split_annotation
 from ..validation import _err, error_body
 from ..outputs import Copies, Copy, relay_headers
@@ -90,7 +92,13 @@ class ComfyApi:
             ("GET", "/models", self.union("/models")),
             ("GET", "/models/{folder}", self.models_folder),
             ("GET", "/features", self.features),
+            ("POST", "/free", self.free),
             ("GET", "/system_stats", self.system_stats),
+            # ComfyUI declares these with their /api prefix: hosts serve /api/jobs and /api/api/jobs
+            ("GET", "/api/jobs", self.get_jobs),
+            ("GET", "/api/jobs/{job_id}", self.get_job),
+            ("POST", "/api/jobs/{job_id}/cancel", self.cancel_job),
+            ("POST", "/api/jobs/cancel", self.cancel_jobs),
         ]
 
     # -- prompts and queue ---------------------------------------------------------------
@@ -146,6 +154,48 @@ class ComfyApi:
         pid = data.get("prompt_id") if isinstance(data, dict) else None
         await self.cluster.interrupt(str(pid) if pid is not None else None)
         return web.Response(status=200)
+
+    # -- jobs (today's ComfyUI; the newest frontend reads its queue and history only here) --
+    async def get_jobs(self, request: web.Request) -> web.Response:
+        try:
+            q = jobs.parse_query(request.rel_url.query)
+        except jobs.JobsError as e:
+            return web.json_response(e.body(), status=400)
+        running, pending = self.cluster.queue_snapshot()
+        listed = []
+        for status, tasks in (("in_progress", running), ("pending", pending)):
+            if status in q.statuses:
+                listed += [jobs.queue_job(t.queue_item(), status, create_time=t.create_time) for t in tasks]
+        history = self.cluster.history.jobs() if q.statuses - jobs.QUEUE_STATUSES else iter(())
+        return web.json_response(jobs.list_jobs(listed, history, q))
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        job_id = param(request, "job_id")
+        entry = self.cluster.history.get(job_id)
+        if entry is not None:
+            return web.json_response(jobs.history_job(job_id, entry, detail=True))
+        task = self.cluster.tasks.get(job_id)
+        if task is None:
+            return web.json_response({"error": "Job not found"}, status=404)
+        status = "in_progress" if task.state == RUNNING else "pending"
+        return web.json_response(jobs.queue_detail(task.queue_item(), status, create_time=task.create_time))
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        return web.json_response({"cancelled": await self.cluster.cancel_job(param(request, "job_id"))})
+
+    async def cancel_jobs(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            return web.json_response({"error": "Request body must be valid JSON"}, status=400)
+        try:
+            ids = jobs.parse_cancel_ids(body)
+        except jobs.JobsError as e:
+            return web.json_response(e.body(), status=400)
+        cancelled = False
+        for job_id in dict.fromkeys(ids):
+            cancelled = await self.cluster.cancel_job(job_id) or cancelled
+        return web.json_response({"cancelled": cancelled})
 
     # -- history ---------------------------------------------------------------------------
     async def get_history(self, request: web.Request) -> web.Response:
@@ -331,6 +381,23 @@ class ComfyApi:
             return bad_request("Invalid upload path", str(e))
         return web.json_response({"name": f.filename, "subfolder": sub, "type": typ})
 
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        """A route one ComfyUI owns (settings, userdata, …): asked of the configured peer."""
+        if not forwarded(request.path):
+            return web.Response(status=404)
+        name = self.cluster.cfg.server.forward_to
+        peer = self.cluster.peers.get(name) if name else next(
+            (p for p in self.cluster.peers.values() if p.enabled and not p.removed), None)
+        if peer is None:
+            return web.Response(status=503, text="no peer to answer this (server.forward_to)")
+        headers = {h: request.headers[h] for h in _FORWARD_HEADERS if h in request.headers}
+        try:
+            upstream = await peer.open_stream(request.method, request.rel_url.path_qs, headers=headers,
+                                              data=await request.read() if request.can_read_body else None)
+        except PeerError as e:
+            return _unreachable(peer, e)
+        return await self._relay(request, peer, upstream)
+
     # -- node definitions and peer facts -------------------------------------------------------
     async def object_info(self, request: web.Request) -> web.Response:
         return web.json_response(await self._catalog())
@@ -372,9 +439,28 @@ class ComfyApi:
             return web.Response(status=404)
         return web.json_response(await self._union(f"/models/{folder}"))
 
+    def feature_flags(self) -> dict:
+        """What this server supports, for /features and the websocket's feature_flags
+        reply: previews are relayed in the form each client asks for; peers' node
+        replacements are applied here; no cluster-wide /api/assets, so the newest web
+        UI reads its media from /api/jobs."""
+        return {"supports_preview_metadata": True, "max_upload_size": self.max_upload_size,
+                "node_replacements": True, "assets": False}
+
     async def features(self, request: web.Request) -> web.Response:
-        return web.json_response({"supports_preview_metadata": True,
-                                  "max_upload_size": self.max_upload_size})
+        return web.json_response(self.feature_flags())
+
+    async def free(self, request: web.Request) -> web.Response:
+        """POST /free: every peer frees its memory, as one ComfyUI would."""
+        try:
+            data = await read_json(request, empty={})
+        except ValueError as e:
+            return bad_request("Invalid JSON in request body", str(e))
+        if not isinstance(data, dict):
+            return bad_request("Request body must be a JSON object")
+        body = {k: bool(data[k]) for k in ("unload_models", "free_memory") if k in data}
+        await asyncio.gather(*(p.post_json("/free", body, timeout=10) for p in self._live()), return_exceptions=True)
+        return web.Response(status=200)
 
     async def system_stats(self, request: web.Request) -> web.Response:
         system: dict | None = None
@@ -391,6 +477,17 @@ class ComfyApi:
             system = next((p.system_stats.get("system") for p in self.cluster.peers.values()
                            if p.system_stats), {})
         return web.json_response({"system": system, "devices": devices})
+
+
+# ComfyUI routes the standalone balancer does not own; one peer answers them for all.
+FORWARDED = ("/users", "/settings", "/userdata", "/v2/userdata", "/internal", "/i18n", "/workflow_templates",
+             "/global_subgraphs", "/experiment/models", "/view_metadata")
+_FORWARD_HEADERS = ("Content-Type", "Comfy-User", "Accept", "Range")
+
+
+def forwarded(path: str) -> bool:
+    path = path[4:] if path.startswith("/api/") else path
+    return any(path == p or path.startswith(p + "/") for p in FORWARDED)
 
 
 async def _peer_mask(peer: Peer, data: bytes, filename: str, original_ref: Any) -> bytes:

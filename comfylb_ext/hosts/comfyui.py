@@ -44,9 +44,9 @@ class PromptServerHub:
     async def send_bytes(self, event: int, payload: bytes, sid: str | None = None) -> None:
         await self.server.send_bytes(event, payload, sid)
 
-    def wants_metadata(self, sid: str) -> bool:
-        meta = self.server.sockets_metadata.get(sid) or {}
-        return bool((meta.get("feature_flags") or {}).get("supports_preview_metadata"))
+    def client_flags(self, sid: str) -> dict:
+        flags = (self.server.sockets_metadata.get(sid) or {}).get("feature_flags")
+        return flags if isinstance(flags, dict) else {}
 
 
 def find_config(here: str) -> str:
@@ -83,6 +83,20 @@ def _local_address() -> tuple[str, int]:
     listen = (args.listen or "127.0.0.1").split(",")[0].strip()
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(listen, listen)
     return host, int(args.port)
+
+
+def _no_local_assets() -> None:
+    """A newest ComfyUI with assets on tells its web UI to list media from its own asset
+    database, which holds none of the peers' outputs: turn the flag off, so the UI lists
+    them from /api/jobs, which describes the cluster."""
+    try:
+        from comfy_api import feature_flags  # only inside ComfyUI
+    except ImportError:
+        return
+    flags = getattr(feature_flags, "SERVER_FEATURE_FLAGS", None)
+    if isinstance(flags, dict) and flags.get("assets"):
+        flags["assets"] = False
+        log.info("ComfyLB: the web UI lists outputs from the cluster's /api/jobs (assets flag off)")
 
 
 def _compile(path: str) -> re.Pattern:
@@ -122,7 +136,8 @@ def attach(server: Any, cfg: Config) -> Cluster:
         pid = data.get("prompt_id") if isinstance(data, dict) else None
         if pid is not None and str(pid) not in cluster.tasks:
             return await original(request)  # not ours: ComfyUI's own prompt
-        await cluster.interrupt(str(pid) if pid is not None else None)
+        if not await cluster.interrupt(str(pid) if pid is not None else None) and pid is None:
+            return await original(request)  # nothing of ours runs: whatever this ComfyUI runs
         return web.Response(status=200)
 
     async def local_json(request, original) -> Any:
@@ -156,6 +171,10 @@ def attach(server: Any, cfg: Config) -> Cluster:
         merged = {json.dumps(x, sort_keys=True): x for x in (local or []) + (remote or [])}
         return web.json_response(list(merged.values()))
 
+    async def free(request, original):
+        await api.free(request)  # the peers free theirs; this ComfyUI its own
+        return await original(request)
+
     async def system_stats(request, original):
         local = await local_json(request, original) or {}
         devices = [dict(d, peer=LOCAL) for d in local.get("devices", [])] if cfg.local.enabled else []
@@ -180,7 +199,13 @@ def attach(server: Any, cfg: Config) -> Cluster:
         ("GET", "/models", union("/models")),
         ("GET", "/models/{folder}", models_folder),
         ("GET", "/system_stats", system_stats),
+        ("POST", "/free", free),
     ]
+    # The jobs API, whether or not this ComfyUI has its own: /api/jobs arrives here as
+    # /jobs (the middleware strips /api), and ComfyUI's /api/api/jobs twin as /api/jobs.
+    for method, path, handler in api.routes():
+        if path.startswith("/api/"):
+            table += [(method, path[4:], cluster_only(handler)), (method, path, cluster_only(handler))]
     compiled = [(m, _compile(p), h) for m, p, h in table]
 
     @web.middleware
@@ -200,6 +225,7 @@ def attach(server: Any, cfg: Config) -> Cluster:
     for method, path, handler in LbApi(cluster, cfg.auth.token).routes():
         server.routes.route(method, path)(handler)  # ComfyUI adds the /api twin
     server.get_queue_info = lambda: {"exec_info": {"queue_remaining": cluster.queue_remaining()}}
+    _no_local_assets()
 
     async def start(app: web.Application) -> None:
         await cluster.start()

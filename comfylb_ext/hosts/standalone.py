@@ -44,8 +44,8 @@ class SocketHub:
                 del self.sockets[sid]
                 self.flags.pop(sid, None)
 
-    def wants_metadata(self, sid: str) -> bool:
-        return bool(self.flags.get(sid, {}).get("supports_preview_metadata"))
+    def client_flags(self, sid: str) -> dict:
+        return self.flags.get(sid, {})
 
     def _targets(self, sid: str | None) -> list[web.WebSocketResponse]:
         if sid is None:
@@ -126,8 +126,7 @@ def build_app(cfg: Config) -> web.Application:
                     continue
                 if isinstance(data, dict) and data.get("type") == "feature_flags" and isinstance(data.get("data"), dict):
                     hub.flags[sid] = data["data"]
-                    await ws.send_json({"type": "feature_flags", "data": {
-                        "supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE}})
+                    await ws.send_json({"type": "feature_flags", "data": api.feature_flags()})
         finally:
             hub.remove(sid, ws)
         return ws
@@ -145,6 +144,7 @@ def build_app(cfg: Config) -> web.Application:
     for method, path, handler in api.routes():
         app.router.add_route(method, "/api" + path, handler)
         app.router.add_route(method, path, handler)
+    app.router.add_route("*", "/{tail:.*}", api.forward)  # last: only what nothing above answers
 
     async def on_startup(app: web.Application) -> None:
         await cluster.start()

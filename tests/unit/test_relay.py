@@ -14,8 +14,8 @@ class FakeHub:
     async def send_bytes(self, event, payload, sid=None):
         self.sent.append(("bytes", event, payload, sid))
 
-    def wants_metadata(self, sid):
-        return self.flags.get(sid, False)
+    def client_flags(self, sid):
+        return {"supports_preview_metadata": self.flags.get(sid, False)}
 
 
 def type4(meta, image=b"\x89PNGdata"):

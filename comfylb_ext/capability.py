@@ -67,6 +67,48 @@ def cache_keys(prompt: dict) -> frozenset[int]:
     return frozenset(keys.values())
 
 
+def merge_catalogs(infos: list[dict]) -> dict[str, dict]:
+    """The peers' node definitions as one: a class several peers have gets the first
+    definition, with every combo's values from all of them, so a model or image any
+    peer has is offered (and accepted) once."""
+    merged: dict[str, dict] = {}
+    for info in infos:
+        for cls, spec in info.items():
+            if cls not in merged:
+                merged[cls] = spec
+            elif isinstance(spec, dict) and isinstance(merged[cls], dict):
+                merged[cls] = _with_combos_of(merged[cls], spec)
+    return merged
+
+
+def _with_combos_of(base: dict, other: dict) -> dict:
+    out = None
+    for category, section in (base.get("input") or {}).items():
+        theirs = ((other.get("input") or {}).get(category)) if isinstance(other.get("input"), dict) else None
+        if not isinstance(section, dict) or not isinstance(theirs, dict):
+            continue
+        for name, spec in section.items():
+            mine, more = _combo_list(spec), _combo_list(theirs.get(name))
+            if mine is None or more is None or not set(more) - set(mine):
+                continue
+            values = mine + [v for v in more if v not in set(mine)]
+            if out is None:
+                out = {**base, "input": {k: dict(v) if isinstance(v, dict) else v for k, v in base["input"].items()}}
+            out["input"][category][name] = ([values, *spec[1:]] if isinstance(spec[0], list)
+                                            else [spec[0], {**spec[1], "options": values}, *spec[2:]])
+    return out if out is not None else base
+
+
+def _combo_list(spec) -> list | None:
+    if not isinstance(spec, list) or not spec:
+        return None
+    if isinstance(spec[0], list):
+        return list(spec[0])
+    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict) and isinstance(spec[1].get("options"), list):
+        return list(spec[1]["options"])
+    return None
+
+
 def _combo(spec) -> frozenset[str] | None:
     """The values of a combo input, in either of ComfyUI's spellings, else None."""
     if not isinstance(spec, list) or not spec:

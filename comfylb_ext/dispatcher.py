@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from . import capability, routing, validation
+from . import capability, replacements, routing, validation
 from .cost import CostModel
 from .config import ORDERS, STRATEGIES, BackendConfig, Config
 from .health import HealthChecker
@@ -76,6 +76,7 @@ class Cluster(Recovery):
         self.started_at = time.time()
         self._picks = itertools.count()
         self._catalog: dict[str, dict] | None = None
+        self._replacements: dict[str, list[dict]] = {}
         self._bg: set[asyncio.Task] = set()
         self.session: aiohttp.ClientSession | None = None
         self.health = HealthChecker(cfg.health_check, lambda: self.peers.values(), self.check_peer)
@@ -262,7 +263,7 @@ class Cluster(Recovery):
             ok, error = False, str(e)
         peer.checks += 1
         if ok and peer.linked and peer.checks % OBJECT_INFO_EVERY == 0:
-            self.spawn(self._refresh_object_info(peer))  # nodes or models may have been added
+            self.spawn(self.refresh_object_info(peer))  # nodes or models may have been added
         if peer.health.record(ok, self.cfg.health_check, error):
             if ok:
                 log.info("peer %s: healthy after %d good check(s)", peer.name, peer.health.successes)
@@ -282,12 +283,15 @@ class Cluster(Recovery):
             infos = [p.object_info for p in self.peers.values() if p.object_info and not p.removed]
             if not infos:
                 return None
-            merged: dict[str, dict] = {}
-            for info in infos:
-                for k, v in info.items():
-                    merged.setdefault(k, v)
-            self._catalog = merged
+            self._catalog = capability.merge_catalogs(infos)
+            self._replacements = replacements.merge(p.replacements for p in self.peers.values()
+                                                    if p.object_info and not p.removed)
         return self._catalog
+
+    def node_replacements(self) -> dict[str, list[dict]]:
+        """The peers' node replacements as one map (GET /node_replacements)."""
+        self.catalog()
+        return self._replacements
 
     def submit(self, data: Any) -> tuple[int, dict]:
         """POST /prompt: (status, body) in ComfyUI's shapes."""
@@ -315,14 +319,18 @@ class Cluster(Recovery):
         if partial is not None and not (isinstance(partial, list) and all(isinstance(x, str) for x in partial)):
             return 400, validation.error_body(validation._err(
                 "invalid_prompt", "partial_execution_targets must be a list of node ids", repr(partial)[:200]))
+        catalog = self.catalog()
         if isinstance(prompt, dict):
+            if catalog is not None and self._replacements:
+                # as today's ComfyUI does before validating; peers get the replaced nodes
+                prompt = replacements.apply(prompt, self._replacements, catalog)
             prompt, targets, rules = routing.extract(prompt)
             refusal = routing.unroutable(rules, {p.name: p.cfg.tags for p in self.peers.values() if not p.removed})
             if refusal is not None:
                 return 400, validation.error_body(*refusal)
         else:
             targets = None
-        ok, error, outputs, node_errors = validation.validate(prompt, self.catalog(), partial)
+        ok, error, outputs, node_errors = validation.validate(prompt, catalog, partial)
         if not ok:
             return 400, validation.error_body(error, node_errors)
         req = capability.requirements(prompt)
@@ -463,7 +471,7 @@ class Cluster(Recovery):
         if peer.tasks.get(task.prompt_id) is not task:
             return
         log.info("peer %s rejected %s: HTTP %s", peer.name, task.prompt_id, status)
-        self.spawn(self._refresh_object_info(peer))  # what it has may have changed
+        self.spawn(self.refresh_object_info(peer))  # what it has may have changed
         peer.forget(task.prompt_id)
         await self._fail(task, _rejection_message(task, peer.name, status, body))
         self.pump()
@@ -501,7 +509,7 @@ class Cluster(Recovery):
         self.changed()
         if peer.abandoned:
             self.spawn(self._drop_abandoned(peer))
-        self.spawn(self._refresh_object_info(peer))
+        self.spawn(self.refresh_object_info(peer))
         if peer.tasks:
             self.spawn(self._reconcile(peer))
         self.pump()
@@ -511,16 +519,25 @@ class Cluster(Recovery):
         self.spawn(self._recover_after(peer))
         self.spawn(self.broadcast_status())
 
-    async def _refresh_object_info(self, peer: Peer) -> None:
+    async def refresh_object_info(self, peer: Peer) -> None:
+        """What nodes and models the peer has, and which deprecated nodes it replaces."""
         try:
             info = await peer.get_json("/object_info", timeout=60)
-            if info != peer.object_info:
-                peer.object_info, peer.caps = info, capability.Capabilities(info)
-                self._catalog = None
-                self.changed()
-                self.pump()
         except PeerError as e:
             log.warning("peer %s: no /object_info: %s", peer.name, e)
+            return
+        if not isinstance(info, dict):
+            log.warning("peer %s: /object_info is not a JSON object; ignored", peer.name)
+            return
+        try:  # ComfyUI before node replacements answers 404: it replaces nothing
+            swaps = replacements.parse(await peer.get_json("/node_replacements", timeout=10))
+        except PeerError:
+            swaps = {}
+        if info != peer.object_info or swaps != peer.replacements:
+            peer.object_info, peer.caps, peer.replacements = info, capability.Capabilities(info), swaps
+            self._catalog = None
+            self.changed()
+            self.pump()
 
     async def on_message(self, peer: Peer, msg: dict) -> None:
         event, data = msg.get("type"), msg.get("data")

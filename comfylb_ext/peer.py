@@ -77,6 +77,7 @@ class Peer:
         self.progress: dict | None = None  # the running prompt's latest `progress` event
         self.object_info: dict | None = None
         self.caps: Capabilities | None = None  # None until its /object_info is known: then anything goes
+        self.replacements: dict[str, list[dict]] = {}  # its /node_replacements (today's ComfyUI)
         self.system_stats: dict | None = None
         self.delivered: dict[tuple[str, str, str], str] = {}
         # Prompts taken back from this peer while it was away; dropped from its queue when it returns.

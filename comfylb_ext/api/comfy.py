@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
+ANSWER_WITHIN = 5.0  # seconds a slow or dead peer may hold up an answer about the cluster
 _FORCE_DOWNLOAD = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
 
 
@@ -94,6 +95,7 @@ class ComfyApi:
             ("GET", "/features", self.features),
             ("POST", "/free", self.free),
             ("GET", "/system_stats", self.system_stats),
+            ("GET", "/node_replacements", self.node_replacements),
             # ComfyUI declares these with their /api prefix: hosts serve /api/jobs and /api/api/jobs
             ("GET", "/api/jobs", self.get_jobs),
             ("GET", "/api/jobs/{job_id}", self.get_job),
@@ -408,11 +410,19 @@ class ComfyApi:
         return web.json_response({cls: catalog[cls]} if cls in catalog else {})
 
     async def _catalog(self) -> dict:
+        """The cluster's nodes; asked of the peers when none has answered yet, but never
+        for longer than ANSWER_WITHIN: the web UI gives up on a request after 60 s."""
         catalog = self.cluster.catalog()
         if catalog is None:
-            await asyncio.gather(*(self.cluster._refresh_object_info(p) for p in self._live()))
+            asking = [self.cluster.spawn(self.cluster.refresh_object_info(p)) for p in self._live()]
+            if asking:
+                await asyncio.wait(asking, timeout=ANSWER_WITHIN)
             catalog = self.cluster.catalog()
         return catalog or {}
+
+    async def node_replacements(self, request: web.Request) -> web.Response:
+        await self._catalog()
+        return web.json_response(self.cluster.node_replacements())
 
     def _live(self) -> list[Peer]:
         return [p for p in self.cluster.peers.values() if p.linked and not p.removed]
@@ -423,7 +433,7 @@ class ComfyApi:
         return handler
 
     async def _union(self, path: str) -> list:
-        results = await asyncio.gather(*(p.get_json(path, timeout=10) for p in self._live()),
+        results = await asyncio.gather(*(p.get_json(path, timeout=ANSWER_WITHIN) for p in self._live()),
                                        return_exceptions=True)
         merged: dict = {}
         for r in results:

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from .. import replacements
 from ..api.comfy import ComfyApi
 from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, load
@@ -171,6 +172,11 @@ def attach(server: Any, cfg: Config) -> Cluster:
         merged = {json.dumps(x, sort_keys=True): x for x in (local or []) + (remote or [])}
         return web.json_response(list(merged.values()))
 
+    async def node_replacements(request, original):
+        local = replacements.parse(await local_json(request, original))
+        await api._catalog()
+        return web.json_response(replacements.merge([local, cluster.node_replacements()]))
+
     async def free(request, original):
         await api.free(request)  # the peers free theirs; this ComfyUI its own
         return await original(request)
@@ -200,6 +206,7 @@ def attach(server: Any, cfg: Config) -> Cluster:
         ("GET", "/models/{folder}", models_folder),
         ("GET", "/system_stats", system_stats),
         ("POST", "/free", free),
+        ("GET", "/node_replacements", node_replacements),
     ]
     # The jobs API, whether or not this ComfyUI has its own: /api/jobs arrives here as
     # /jobs (the middleware strips /api), and ComfyUI's /api/api/jobs twin as /api/jobs.

@@ -10,6 +10,16 @@ const listeners = new Set();
 // Registered at import: the frontend only dispatches custom events that have a listener.
 api.addEventListener(STATUS_EVENT, (e) => listeners.forEach((cb) => cb(e.detail)));
 
+// ComfyLB gives each client one prompt's messages at a time, as one ComfyUI would, unless
+// the client says it can show several running prompts at once — as this web UI can.  The
+// flag goes out with the socket's first message; a socket opened before this extension
+// loaded is reopened (the UI reconnects by itself) so that it carries the flag.
+const ownFlags = api.getClientFeatureFlags?.bind(api);
+if (ownFlags) {
+  api.getClientFeatureFlags = () => ({ ...ownFlags(), comfylb_interleave: true });
+  if (api.socket?.readyState === WebSocket.OPEN) api.socket.close();
+}
+
 function settings() {
   return app.extensionManager?.setting;
 }

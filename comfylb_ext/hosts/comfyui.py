@@ -142,8 +142,13 @@ def attach(server: Any, cfg: Config) -> Cluster:
         return web.Response(status=200)
 
     async def local_json(request, original) -> Any:
-        resp = await original(request)
-        return json.loads(resp.body) if resp.status == 200 and resp.body else None
+        """This ComfyUI's own answer, or None (a route it lacks raises HTTPNotFound)."""
+        try:
+            resp = await original(request)
+            body = resp.body if isinstance(resp, web.Response) and resp.content_type == "application/json" else None
+            return json.loads(body) if resp.status == 200 and body else None  # a static file: not an API answer
+        except (web.HTTPException, ValueError):
+            return None
 
     async def object_info(request, original):
         local = await local_json(request, original) or {}

@@ -461,11 +461,13 @@ class Cluster(Recovery):
                 await peer.deliver(f, self.store.path_of(f))
             status, body = await peer.post_json("/prompt", self._payload(task, peer))
         except PeerError as e:
+            task.tell_verdict(None, None)
             if peer.tasks.get(task.prompt_id) is task and task.state == DISPATCHED:
                 log.warning("peer %s: could not take %s (%s); back to the queue", peer.name, task.prompt_id, e)
                 peer.forget(task.prompt_id)
                 self._requeue(task)
             return
+        awaited = task.tell_verdict(status, body)
         if status == 200 or status == 409:
             return  # 409: today's ComfyUI already holds this id, from an attempt whose answer we lost
         if peer.tasks.get(task.prompt_id) is not task:
@@ -473,8 +475,37 @@ class Cluster(Recovery):
         log.info("peer %s rejected %s: HTTP %s", peer.name, task.prompt_id, status)
         self.spawn(self.refresh_object_info(peer))  # what it has may have changed
         peer.forget(task.prompt_id)
-        await self._fail(task, _rejection_message(task, peer.name, status, body))
+        if awaited and status == 400:
+            await self._unsubmit(task)  # its submitter gets the peer's 400 instead of a 200
+        else:
+            await self._fail(task, _rejection_message(task, peer.name, status, body))
         self.pump()
+
+    async def verdict(self, task: Task, wait: float) -> tuple[int, Any] | None:
+        """POST /prompt of a task a peer took at once: the peer's own answer when it
+        refused (a custom node's validation that only it can judge), else None.  Called
+        right after submit(), before the peer is asked."""
+        if task.state != DISPATCHED or task.attempts != 1:
+            return None  # it waits here: the answer cannot wait for a peer
+        task.verdict = asyncio.get_running_loop().create_future()
+        try:
+            status, body = await asyncio.wait_for(asyncio.shield(task.verdict), wait)
+        except asyncio.TimeoutError:
+            status = body = None
+        task.verdict = None  # from now on a refusal fails it as usual
+        if status == 400 and isinstance(body, dict) and "error" in body:
+            return status, {"error": body["error"], "node_errors": body.get("node_errors") or {}}
+        return None
+
+    async def _unsubmit(self, task: Task) -> None:
+        """A task refused while its submitter still waits: it never existed."""
+        self.tasks.pop(task.prompt_id, None)
+        self.record.pop(task.prompt_id, None)
+        self.db.delete_task(task.prompt_id)
+        self.counts["submitted"] -= 1
+        self.changed()
+        await self.relay.end(task.client_id, task.prompt_id)
+        await self.broadcast_status()
 
     def _requeue(self, task: Task) -> None:
         task.peer = None

@@ -69,6 +69,9 @@ class Store:
             (t.prompt_id, json.dumps(body), t.state, t.peer, t.attempts, t.error, t.dispatched_at, t.started_at,
              t.finished_at, json.dumps(t.attempt_log), t.created))
 
+    def delete_task(self, prompt_id: str) -> None:
+        self.db.execute("DELETE FROM tasks WHERE prompt_id=?", (prompt_id,))
+
     def update_task(self, t: Task) -> None:
         self.db.execute(
             "UPDATE tasks SET state=?, peer=?, attempts=?, error=?, dispatched_at=?, started_at=?, finished_at=?,"

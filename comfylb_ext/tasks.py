@@ -33,6 +33,7 @@ class Task:
     stealing: bool = False  # being taken back from its peer's queue for an idle peer
     overtaken: int = 0  # times a prompt queued after it was dispatched first (longest_first)
     predicted: float | None = None  # the cost model's run time for it when dispatched
+    verdict: Any = None  # asyncio.Future of its first peer's answer while its submitter waits for it
     _shape: Shape | None = field(default=None, repr=False)
     _item_json: str | None = field(default=None, repr=False)
     seq: int = 0
@@ -56,6 +57,13 @@ class Task:
         if self._shape is None:
             self._shape = shape(self.prompt)
         return self._shape
+
+    def tell_verdict(self, status: int | None, body: Any) -> bool:
+        """Hand the first peer's answer to a submitter waiting for it: True if one was."""
+        if self.verdict is None or self.verdict.done():
+            return False
+        self.verdict.set_result((status, body))
+        return True
 
     @property
     def create_time(self) -> int:

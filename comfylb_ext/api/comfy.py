@@ -113,6 +113,11 @@ class ComfyApi:
         if self.on_prompt is not None:
             data = self.on_prompt(data)
         status, body = self.cluster.submit(data)
+        task = self.cluster.tasks.get(body["prompt_id"]) if status == 200 else None
+        if task is not None:
+            refused = await self.cluster.verdict(task, ANSWER_WITHIN)
+            if refused is not None:
+                status, body = refused
         return web.json_response(body, status=status)
 
     async def get_prompt(self, request: web.Request) -> web.Response:

@@ -99,3 +99,21 @@ async def test_free_and_node_replacements_answer(lb):
         assert status == 200 and isinstance(body, dict)
         _, features = await c.get("/api/features")
         assert features.get("assets") in (None, False)
+
+
+async def test_a_peer_that_takes_a_prompt_at_once_gives_its_own_verdict(lb, peers):
+    """A custom node's VALIDATE_INPUTS (ComfyUI's testing pack) is judged by the peer only:
+    with a peer free, the client gets that peer's 400 at POST /prompt, as from ComfyUI."""
+    bad = {"1": {"class_type": "TestCustomValidation1", "inputs": {"input1": "not an image", "input2": 1.0}},
+           "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "verdict"}}}
+    async with Client(lb.url) as c:
+        _, idle = await c.get("/prompt")
+        assert idle["exec_info"]["queue_remaining"] == 0
+        status, body, _ = await c.queue(bad)
+        assert status == 400, body
+        errors = body["node_errors"]["1"]["errors"]
+        assert any(e["type"] == "custom_validation_failed" and "input1" in e["details"] for e in errors), errors
+        _, jobs = await c.get("/api/jobs")
+        assert all(j.get("execution_error", {}).get("node_type") != "TestCustomValidation1" for j in jobs["jobs"])
+        _, queue = await c.get("/queue")
+        assert queue == {"queue_running": [], "queue_pending": []}

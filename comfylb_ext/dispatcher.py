@@ -33,7 +33,7 @@ from .scheduler import SchedulerState, longest_first, pick
 from .store import Store
 from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, Task,
                     TaskQueue)
-from .uploads import InputStore
+from .uploads import InputStore, split_annotation
 from .outputs import Outputs, ViewCache
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ class Cluster(Recovery):
                 return 400, validation.error_body(*refusal)
         else:
             targets = None
-        ok, error, outputs, node_errors = validation.validate(prompt, catalog, partial)
+        ok, error, outputs, node_errors = validation.validate(prompt, catalog, partial, self._known_file)
         if not ok:
             return 400, validation.error_body(error, node_errors)
         req = capability.requirements(prompt)
@@ -369,6 +369,14 @@ class Cluster(Recovery):
         self.pump()
         self.spawn(self.broadcast_status())
         return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+
+    def _known_file(self, value: str) -> bool:
+        """A file a prompt names is here (uploaded) or on a peer (an output it made)."""
+        if self.store.has(value):
+            return True
+        name, typ = split_annotation(value)
+        sub, _, base = name.replace("\\", "/").rpartition("/")
+        return self.outputs.holder(typ or "input", sub, base) is not None
 
     # -- dispatch ------------------------------------------------------------------
     def pump(self) -> None:

@@ -2,9 +2,10 @@
 
     python -m comfylb_ext.sim --port 8288 [--slowdown 2] [--model-load 1.5]
 
-It speaks ComfyUI's HTTP and websocket protocol with the message sequence recorded from
-real ComfyUI (shared/comfyui/transcript.md) for a small set of model-free nodes, and
-renders no real images (solid-colour PNGs).  It never stands in for the real-peer tests.
+It speaks today's ComfyUI (server ~0.38, shared/comfyui/api-current.md) over HTTP and
+websocket, with the message sequence recorded from real ComfyUI (shared/comfyui/transcript.md),
+for a small set of model-free nodes, and renders no real images (solid-colour PNGs).  Like
+ComfyUI, every route is also served under /api.  It never stands in for the real-peer tests.
 """
 from __future__ import annotations
 
@@ -27,10 +28,40 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from . import jobs, replacements
 from .uploads import TYPES, split_annotation
 from .validation import error_body, validate
 
 log = logging.getLogger(__name__)
+
+MAX_UPLOAD_SIZE = 104857600
+# ComfyUI moves these out of extra_data into a sixth, never shown, queue-item element
+# (execution.SENSITIVE_EXTRA_DATA_KEYS); the sim keeps them in extra_data, where tests
+# can see they arrived, and leaves them out of everything it shows.
+SENSITIVE = ("auth_token_comfy_org", "api_key_comfy_org")
+
+
+def shown(item: list) -> list:
+    """A queue item as /queue, /history and the jobs API show it."""
+    return [*item[:3], {k: v for k, v in item[3].items() if k not in SENSITIVE}, *item[4:]]
+
+
+def _err(typ: str, message: str, details: str = "") -> dict:
+    return {"type": typ, "message": message, "details": details, "extra_info": {}}
+
+
+def history_page(history: dict, max_items: int | None, offset: int) -> dict:
+    """GET /history?max_items=&offset=: PromptQueue.get_history's paging, oldest first;
+    max_items without an offset means the newest max_items."""
+    if offset < 0 and max_items is not None:
+        offset = len(history) - max_items
+    out: dict = {}
+    for i, (k, v) in enumerate(history.items()):
+        if i >= offset:
+            out[k] = v
+            if max_items is not None and len(out) >= max_items:
+                break
+    return out
 
 
 def png(width: int, height: int, rgb: int) -> bytes:
@@ -81,9 +112,15 @@ def catalog(inputs: list[str], checkpoints: list[str]) -> dict:
 
 class SimPeer:
     def __init__(self, root: Path, name: str = "sim", slowdown: float = 1.0, model_load: float = 0.0,
-                 checkpoints: list[str] | None = None, token: str = "") -> None:
+                 checkpoints: list[str] | None = None, token: str = "",
+                 replacements: dict | None = None, asset_ids: bool = False) -> None:
         self.root, self.name = root, name
         self.token = token  # like a peer behind an auth proxy: every request needs it
+        self.replacements = replacements or {}  # served at /node_replacements, applied by POST /prompt
+        self.asset_ids = asset_ids  # like a peer with assets on: output items carry asset ids
+        self.settings: dict[str, Any] = {}  # the single user's comfy.settings.json
+        self.user_dir = False  # whether that user's folder exists yet (GET /users "migrated")
+        self.free_flags: dict[str, Any] = {}  # POST /free, acted on between prompts
         self.slowdown, self.model_load = slowdown, model_load
         self.checkpoints = checkpoints or ["sim-a.safetensors", "sim-b.safetensors"]
         for t in TYPES:
@@ -143,18 +180,31 @@ class SimPeer:
         await self.send("status", {"status": {"exec_info": {"queue_remaining": self.remaining()}}}, None)
 
     # -- execution -----------------------------------------------------------------------
+    def feature_flags(self) -> dict:
+        """comfy_api.feature_flags.get_server_features() of today's ComfyUI."""
+        return {"supports_preview_metadata": True, "supports_model_type_tags": True,
+                "max_upload_size": MAX_UPLOAD_SIZE, "extension": {"manager": {"supports_v4": True}},
+                "node_replacements": True, "assets": self.asset_ids}
+
     async def run_worker(self) -> None:
         while True:
-            while not self.queue:
+            if self.queue:
+                item = heapq.heappop(self.queue)[2]
+                self.running = item
+                await self.status()
+                try:
+                    await self.execute(item)
+                finally:
+                    self.running = None
+            else:
                 self.wake.clear()
                 await self.wake.wait()
-            item = heapq.heappop(self.queue)[2]
-            self.running = item
-            await self.status()
-            try:
-                await self.execute(item)
-            finally:
-                self.running = None
+            # ComfyUI's prompt_worker reads the /free flags after each prompt, or at once when idle
+            flags, self.free_flags = self.free_flags, {}
+            if flags.get("unload_models", flags.get("free_memory", False)):
+                self.loaded_model = None
+            if flags.get("free_memory"):
+                self.cache = {}
 
     def _order(self, prompt: dict, outputs: list[str]) -> list[str]:
         seen: list[str] = []
@@ -236,13 +286,15 @@ class SimPeer:
         self.cache = {k: v for k, v in self.cache.items() if k in set(keys.values())}
         if status_str == "success":
             await add("execution_success", {"prompt_id": pid, "timestamp": ts()})
+        # As ComfyUI's task_done: out of the running list and into history at once, then the
+        # status broadcast (queue_remaining no longer counts it), then executing null.
         self.history[pid] = {
-            "prompt": [number, pid, prompt, {k: v for k, v in extra.items()
-                                             if k not in ("auth_token_comfy_org", "api_key_comfy_org")}, outputs],
+            "prompt": shown(item),
             "outputs": ui,
             "status": {"status_str": status_str, "completed": status_str == "success", "messages": messages},
             "meta": {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in ui},
         }
+        self.running = None
         await self.status()
         if sid is not None:
             await self.send("executing", {"node": None, "prompt_id": pid}, sid)
@@ -280,7 +332,10 @@ class SimPeer:
                          if p.stem.split("_")[-2].isdigit()] or [0])
             name = f"{base}_{n:05d}_.png"
             (folder / name).write_bytes(png(8, 8, (hash(pid) & 0xFFFFFF)))
-            return {"images": [{"filename": name, "subfolder": sub, "type": typ}]}
+            image = {"filename": name, "subfolder": sub, "type": typ}
+            if self.asset_ids:  # asset_enrichment: an image is its own preview
+                image["id"] = image["preview_id"] = str(uuid.uuid4())
+            return {"images": [image]}
         elif cls == "SaveImageWebsocket":
             for i in range(2):
                 await self.send("progress", {"value": i, "max": 2, "prompt_id": pid, "node": nid}, sid)
@@ -291,6 +346,84 @@ class SimPeer:
     def object_info(self) -> dict:
         inputs = [p.relative_to(self.root / "input").as_posix() for p in (self.root / "input").rglob("*") if p.is_file()]
         return catalog(inputs, self.checkpoints)
+
+    def has_file(self, name: str) -> bool:
+        """LoadImage's VALIDATE_INPUTS (folder_paths.exists_annotated_filepath)."""
+        name, typ = split_annotation(name)
+        base = (self.root / (typ or "input")).resolve()
+        try:
+            path = (base / name).resolve()
+            return path.is_relative_to(base) and path.exists()
+        except (OSError, ValueError):
+            return False
+
+    async def submit(self, data: Any, usage_source: str | None) -> tuple[int, dict]:
+        """POST /prompt, in today's ComfyUI's order: number, prompt, id rule, node
+        replacement, validation, then the queue's duplicate check."""
+        if not isinstance(data, dict):
+            return 400, error_body(_err("invalid_prompt", "Request body must be a JSON object.", type(data).__name__))
+        if data.get("number") is None:
+            number = -self.number if data.get("front") else self.number
+            self.number += 1
+        else:
+            number = float(data["number"])
+        if "prompt" not in data:
+            return 400, error_body(_err("no_prompt", "No prompt provided", "No prompt provided"))
+        pid = data.get("prompt_id")
+        if pid is None:
+            pid = str(uuid.uuid4())
+        elif not jobs.is_canonical_uuid(pid):
+            return 400, error_body(_err(
+                "invalid_prompt_id", "prompt_id must be a valid UUID",
+                "prompt_id must be a UUID string in canonical lowercase hyphenated form; "
+                "omit it to let the server generate one"))
+        info = self.object_info()
+        prompt = data["prompt"]
+        if self.replacements:
+            prompt = replacements.apply(prompt, replacements.parse(self.replacements), info)
+        ok, error, outputs, node_errors = validate(prompt, info, data.get("partial_execution_targets"),
+                                                   known_files=self.has_file, link_types=True)
+        if not ok:
+            return 400, error_body(error, node_errors)
+        if pid in self.active_ids():  # execution.DuplicatePromptIdError; a finished id may come again
+            return 409, error_body(_err("duplicate_prompt_id",
+                                        "A prompt with this prompt_id is already pending or running.", pid))
+        extra = dict(data.get("extra_data") or {})
+        if "client_id" in data:
+            extra["client_id"] = data["client_id"]
+        if usage_source and "comfy_usage_source" not in extra:
+            extra["comfy_usage_source"] = usage_source
+        extra["create_time"] = int(time.time() * 1000)
+        heapq.heappush(self.queue, (number, next(self.counter), [number, pid, prompt, extra, outputs]))
+        self.wake.set()
+        await self.status()
+        return 200, {"prompt_id": pid, "number": number, "node_errors": node_errors}
+
+    def active_ids(self) -> set[str]:
+        return {e[2][1] for e in self.queue} | ({self.running[1]} if self.running else set())
+
+    def job(self, job_id: str) -> dict | None:
+        """GET /api/jobs/{id}: history first, then running, then pending."""
+        if job_id in self.history:
+            return jobs.history_job(job_id, self.history[job_id], detail=True)
+        if self.running and self.running[1] == job_id:
+            return jobs.queue_detail(shown(self.running), "in_progress")
+        item = next((e[2] for e in self.queue if e[2][1] == job_id), None)
+        return jobs.queue_detail(shown(item), "pending") if item else None
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a job in any state: running → interrupted, pending → dequeued (no events
+        but the status broadcast), finished or unknown → nothing."""
+        if self.running and self.running[1] == job_id:
+            self.interrupted = True
+            return True
+        kept = [e for e in self.queue if e[2][1] != job_id]
+        if len(kept) == len(self.queue):
+            return False
+        self.queue = kept
+        heapq.heapify(self.queue)
+        await self.status()
+        return True
 
     def app(self) -> web.Application:
         r = web.RouteTableDef()
@@ -310,7 +443,7 @@ class SimPeer:
                         data = json.loads(msg.data)
                         if data.get("type") == "feature_flags":
                             self.flags[sid] = data.get("data") or {}
-                            await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True, "max_upload_size": 104857600}})
+                            await ws.send_json({"type": "feature_flags", "data": self.feature_flags()})
             finally:
                 if self.sockets.get(sid) is ws:  # unlike ComfyUI: no same-clientId pitfall here
                     self.sockets.pop(sid, None)
@@ -318,25 +451,13 @@ class SimPeer:
 
         @r.post("/prompt")
         async def post_prompt(request: web.Request) -> web.Response:
-            data = await request.json()
-            number = self.number if data.get("number") is None else float(data["number"])
-            if data.get("number") is None:
-                self.number += 1
-            if "prompt" not in data:
-                return web.json_response(error_body({"type": "no_prompt", "message": "No prompt provided",
-                                                     "details": "No prompt provided", "extra_info": {}}), status=400)
-            pid = str(data.get("prompt_id") or uuid.uuid4())
-            ok, error, outputs, node_errors = validate(data["prompt"], self.object_info(),
-                                                       data.get("partial_execution_targets"))
-            if not ok:
-                return web.json_response(error_body(error, node_errors), status=400)
-            extra = dict(data.get("extra_data") or {})
-            if "client_id" in data:
-                extra["client_id"] = data["client_id"]
-            heapq.heappush(self.queue, (number, next(self.counter), [number, pid, data["prompt"], extra, outputs]))
-            self.wake.set()
-            await self.status()
-            return web.json_response({"prompt_id": pid, "number": number, "node_errors": node_errors})
+            try:
+                data = await request.json()
+            except ValueError as e:  # ComfyUI itself answers 500 here
+                return web.json_response(error_body(_err("invalid_prompt", "Invalid JSON in request body", str(e))),
+                                         status=400)
+            status, body = await self.submit(data, request.headers.get("Comfy-Usage-Source"))
+            return web.json_response(body, status=status)
 
         @r.get("/prompt")
         async def get_prompt(request: web.Request) -> web.Response:
@@ -344,8 +465,8 @@ class SimPeer:
 
         @r.get("/queue")
         async def get_queue(request: web.Request) -> web.Response:
-            return web.json_response({"queue_running": [self.running] if self.running else [],
-                                      "queue_pending": [e[2] for e in self.queue]})
+            return web.json_response({"queue_running": [shown(self.running)] if self.running else [],
+                                      "queue_pending": [shown(e[2]) for e in self.queue]})
 
         @r.post("/queue")
         async def post_queue(request: web.Request) -> web.Response:
@@ -371,7 +492,10 @@ class SimPeer:
 
         @r.get("/history")
         async def history(request: web.Request) -> web.Response:
-            return web.json_response(self.history)
+            q = request.rel_url.query
+            max_items = int(q["max_items"]) if "max_items" in q else None
+            offset = int(q["offset"]) if "offset" in q else -1
+            return web.json_response(history_page(self.history, max_items, offset))
 
         @r.get("/history/{pid}")
         async def history_item(request: web.Request) -> web.Response:
@@ -413,6 +537,84 @@ class SimPeer:
         async def object_info(request: web.Request) -> web.Response:
             return web.json_response(self.object_info())
 
+        @r.get("/object_info/{node_class}")
+        async def object_info_node(request: web.Request) -> web.Response:
+            cls, info = request.match_info["node_class"], self.object_info()
+            return web.json_response({cls: info[cls]} if cls in info else {})
+
+        # -- the jobs API: declared under /api like ComfyUI's, so also at /api/api/... --
+        @r.get("/api/jobs")
+        async def list_jobs(request: web.Request) -> web.Response:
+            try:
+                q = jobs.parse_query(request.rel_url.query)
+            except jobs.JobsError as e:
+                return web.json_response(e.body(), status=400)
+            queued = ([jobs.queue_job(self.running, "in_progress")] if self.running else []) + \
+                [jobs.queue_job(e[2], "pending") for e in self.queue]
+            finished = (jobs.history_job(pid, entry) for pid, entry in self.history.items())
+            return web.json_response(jobs.list_jobs(queued, finished, q))
+
+        @r.get("/api/jobs/{job_id}")
+        async def get_job(request: web.Request) -> web.Response:
+            job = self.job(request.match_info["job_id"])
+            return web.json_response(job) if job else web.json_response({"error": "Job not found"}, status=404)
+
+        @r.post("/api/jobs/{job_id}/cancel")
+        async def cancel_job(request: web.Request) -> web.Response:
+            return web.json_response({"cancelled": await self.cancel(request.match_info["job_id"])})
+
+        @r.post("/api/jobs/cancel")
+        async def cancel_jobs(request: web.Request) -> web.Response:
+            try:
+                ids = jobs.parse_cancel_ids(await request.json())
+            except jobs.JobsError as e:
+                return web.json_response(e.body(), status=400)
+            except ValueError:
+                return web.json_response({"error": "Request body must be valid JSON"}, status=400)
+            cancelled = [await self.cancel(i) for i in ids]  # every one, not only up to the first
+            return web.json_response({"cancelled": any(cancelled)})
+
+        @r.post("/free")
+        async def free(request: web.Request) -> web.Response:
+            data = await request.json()
+            for key in ("unload_models", "free_memory"):
+                if data.get(key):
+                    self.free_flags[key] = data[key]
+            self.wake.set()
+            return web.Response()
+
+        @r.get("/node_replacements")
+        async def node_replacements(request: web.Request) -> web.Response:
+            return web.json_response(self.replacements)
+
+        # -- the single user's settings (app/app_settings.py, app/user_manager.py) --
+        @r.get("/settings")
+        async def get_settings(request: web.Request) -> web.Response:
+            return web.json_response(self.settings)
+
+        @r.post("/settings")
+        async def post_settings(request: web.Request) -> web.Response:
+            data = await request.json()
+            if not isinstance(data, dict):
+                return web.Response(status=400)
+            self.settings.update(data)
+            self.user_dir = True
+            return web.Response()
+
+        @r.get("/settings/{id}")
+        async def get_setting(request: web.Request) -> web.Response:
+            return web.json_response(self.settings.get(request.match_info["id"]))
+
+        @r.post("/settings/{id}")
+        async def post_setting(request: web.Request) -> web.Response:
+            self.settings[request.match_info["id"]] = await request.json()
+            self.user_dir = True
+            return web.Response()
+
+        @r.get("/users")
+        async def users(request: web.Request) -> web.Response:
+            return web.json_response({"storage": "server", "migrated": self.user_dir})
+
         @r.get("/system_stats")
         async def system_stats(request: web.Request) -> web.Response:
             return web.json_response({"system": {"os": "posix", "ram_total": 0, "ram_free": 0,
@@ -424,7 +626,7 @@ class SimPeer:
 
         @r.get("/features")
         async def features(request: web.Request) -> web.Response:
-            return web.json_response({"supports_preview_metadata": True, "max_upload_size": 104857600})
+            return web.json_response(self.feature_flags())
 
         for path, value in (("/embeddings", []), ("/extensions", []), ("/models", ["checkpoints"])):
             r.get(path)(_constant(value))
@@ -441,7 +643,10 @@ class SimPeer:
                 return web.Response(status=401, text="401: token required")
             return await handler(request)
 
-        app = web.Application(client_max_size=104857600, middlewares=[auth_proxy] if self.token else [])
+        app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[auth_proxy] if self.token else [])
+        # as ComfyUI's add_routes: every route under /api too, then bare
+        app.add_routes([web.RouteDef(d.method, "/api" + d.path, d.handler, d.kwargs)
+                        for d in r if isinstance(d, web.RouteDef)])
         app.add_routes(r)
 
         async def start_worker(app: web.Application) -> None:

@@ -128,6 +128,19 @@ class InputStore:
         digest = self._digest(path)
         return StoredFile(typ, subfolder, filename, digest) if digest else None
 
+    def named(self, value: object) -> StoredFile | None:
+        """The stored file a prompt's string input names (`name.png`, `sub/name.png`,
+        `name.png [output]`), if any."""
+        if not isinstance(value, str) or not value or len(value) > 1024 or "\n" in value:
+            return None
+        name, typ = split_annotation(value)
+        sub, _, base = name.replace("\\", "/").rpartition("/")
+        return self.lookup(typ or "input", sub, base)
+
+    def has(self, value: str) -> bool:
+        """What ComfyUI's LoadImage checks at submit: the file is here."""
+        return self.named(value) is not None
+
     def path_of(self, f: StoredFile) -> Path:
         return self.resolve(f.type, f.subfolder, f.filename)
 
@@ -140,11 +153,7 @@ class InputStore:
             if not isinstance(inputs, dict):
                 continue
             for value in inputs.values():
-                if not isinstance(value, str) or not value or len(value) > 1024 or "\n" in value:
-                    continue
-                name, typ = split_annotation(value)
-                sub, _, base = name.replace("\\", "/").rpartition("/")
-                f = self.lookup(typ or "input", sub, base)
+                f = self.named(value)
                 if f is not None:
                     found[f.key] = f
         return list(found.values())

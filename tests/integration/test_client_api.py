@@ -149,18 +149,24 @@ def _strip_tb(body):
     return body
 
 
-async def test_peer_rejection_at_dispatch_becomes_execution_error(balancer):
-    """A LoadImage of a file nobody has passes the up-front checks (values are the
-    peer's business) and is refused by the peer: the client hears of it."""
-    prompt = load_workflow("loadimage.json")
-    prompt["1"]["inputs"]["image"] = f"missing-{uuid.uuid4().hex}.png"
+async def test_values_are_refused_at_submit_exactly_as_comfyui_refuses_them(balancer, peers):
+    """A LoadImage of a file nobody has, a number out of range, a combo value not in its
+    list: ComfyLB answers the 400 a ComfyUI peer answers, body for body."""
+    missing = load_workflow("loadimage.json")
+    missing["1"]["inputs"]["image"] = f"missing-{uuid.uuid4().hex}.png"
+    too_big = invert_prompt()
+    too_big["1"]["inputs"]["width"] = 1 << 20
+    combo = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+             "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nope", "width": 8,
+                                                          "height": 8, "crop": "disabled"}},
+             "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
     async with Client(balancer.url) as c:
-        run = await c.run(prompt)
-        assert run.types() == ["execution_error", "executing"]
-        err = run.first("execution_error")
-        assert "Invalid image file" in err["exception_message"]
-        _, hist = await c.get(f"/history/{run.prompt_id}")
-        assert hist[run.prompt_id]["status"]["status_str"] == "error"
+        for prompt in (missing, too_big, combo):
+            status, body, _ = await c.queue(prompt)
+            async with aiohttp.ClientSession() as s:
+                async with s.post(peers[0].url + "/prompt", json={"prompt": prompt}) as r:
+                    assert (status, body) == (r.status, await r.json())
+            assert status == 400 and body["node_errors"]
 
 
 async def test_upload_feeds_loadimage_on_whichever_peer_runs_it(balancer, peers):

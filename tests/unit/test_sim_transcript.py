@@ -42,7 +42,10 @@ async def test_fresh_and_cached_prompt_sequences_match_the_recording(sim):
 async def test_binary_previews_follow_the_feature_flags(sim):
     async with Client(f"http://127.0.0.1:{sim.port}", flags=True) as c:
         run = await c.run(load_workflow("ws_save.json"))
-        assert c.feature_reply == {"supports_preview_metadata": True, "max_upload_size": 104857600}
+        # 0.3.64 answered the first two keys only; today's ComfyUI adds the rest (api-current.md §3.1)
+        assert c.feature_reply == {"supports_preview_metadata": True, "max_upload_size": 104857600,
+                                   "supports_model_type_tags": True, "extension": {"manager": {"supports_v4": True}},
+                                   "node_replacements": True, "assets": False}
         assert [b[:4] for b in run.binary] == [b"\x00\x00\x00\x04"] * 2
     async with Client(f"http://127.0.0.1:{sim.port}") as c:
         p = load_workflow("ws_save.json")

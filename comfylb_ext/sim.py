@@ -205,6 +205,9 @@ class SimPeer:
                 self.loaded_model = None
             if flags.get("free_memory"):
                 self.cache = {}
+            if flags:
+                self.state_changed.set()
+                self.state_changed = asyncio.Event()
 
     def _order(self, prompt: dict, outputs: list[str]) -> list[str]:
         seen: list[str] = []

@@ -143,3 +143,33 @@ async def test_a_client_that_opts_in_gets_prompts_interleaved():
             assert not slow.done.is_set()
             await c.post(f"/api/jobs/{slow.prompt_id}/cancel")
             await asyncio.wait_for(slow.done.wait(), 10)
+
+
+async def test_peer_local_asset_ids_never_reach_clients():
+    async with lb_over_sims(1, sim_kw=[{"asset_ids": True}]) as (url, sims, cluster):
+        async with Client(url) as c:
+            run = await c.run(sleep_prompt(0.01))
+            direct = sims[0].sim.history[run.prompt_id]["outputs"]["3"]["images"][0]
+            assert "id" in direct  # the peer did add them
+            image = run.first("executed")["output"]["images"][0]
+            _, hist = await c.get(f"/history/{run.prompt_id}")
+            _, job = await c.get(f"/api/jobs/{run.prompt_id}")
+            for item in (image, hist[run.prompt_id]["outputs"]["3"]["images"][0], job["outputs"]["3"]["images"][0],
+                         job["preview_output"]):
+                assert "id" not in item and "preview_id" not in item, item
+
+
+async def test_free_reaches_every_peer_and_settings_are_forwarded_to_one():
+    async with lb_over_sims(2) as (url, sims, cluster):
+        async with Client(url) as c:
+            for s in sims:
+                s.sim.loaded_model = "sim-a.safetensors"
+            assert (await c.post("/free", {"unload_models": True}))[0] == 200
+            await wait_for(lambda: all(s.sim.loaded_model is None for s in sims), cluster, *(s.sim for s in sims))
+            assert (await c.post("/free", [1]))[0] == 400
+            assert (await c.post("/api/settings", {"Comfy.Locale": "de"}))[0] == 200
+            assert (await c.get("/api/settings/Comfy.Locale")) == (200, "de")
+            assert sims[0].sim.settings == {"Comfy.Locale": "de"} and sims[1].sim.settings == {}
+            assert (await c.get("/api/no/such/route"))[0] == 404
+            _, features = await c.get("/features")
+            assert features["assets"] is False and features["supports_preview_metadata"] is True

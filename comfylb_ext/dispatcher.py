@@ -26,6 +26,7 @@ from .health import HealthChecker
 from .history import History
 from .jobs import is_canonical_uuid
 from .metrics import Metrics
+from .polls import Polls
 from .recovery import TERMINAL_EVENTS, Recovery, _now_ms, _outcome
 from .peer import Peer, PeerError
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview, without_asset_ids
@@ -65,6 +66,7 @@ class Cluster(Recovery):
         self.tasks: dict[str, Task] = {}      # every task not yet finished
         self.record: OrderedDict[str, Task] = OrderedDict()  # recent tasks, finished ones too
         self.history = History()
+        self.polls: Polls[Task] = Polls()
         self.numbering = Numbering()
         self.sched = SchedulerState(cfg.scheduler.strategy, cfg.scheduler.prefer_idle, cfg.scheduler.affinity,
                                     cfg.scheduler.order)
@@ -644,19 +646,33 @@ class Cluster(Recovery):
     # -- history -----------------------------------------------------------------------
     def _add_history(self, prompt_id: str, entry: dict) -> None:
         entry = self.history.add(prompt_id, entry)
+        task = self.tasks.get(prompt_id)
+        if task is not None:
+            self.polls.ended(prompt_id, task)
         self.db.add_history(prompt_id, entry["prompt"][0], entry)
         if len(self.history) % 1000 == 0:
             self.db.prune_history(self.history.max_size)
             self.db.prune_tasks(RECORD_SIZE)
             self.db.prune_runs(RUNS_KEPT)
 
+    def history_item(self, prompt_id: str) -> dict | None:
+        """GET /history/{id}; a miss while the job is live marks it as polled (polls.py)."""
+        entry = self.history.get(prompt_id)
+        if entry is not None:
+            self.polls.forget(prompt_id)
+        elif prompt_id in self.tasks:
+            self.polls.missed(prompt_id)
+        return entry
+
     def delete_history(self, prompt_ids: list[str]) -> None:
         for pid in prompt_ids:
             self.history.delete(pid)
+            self.polls.forget(pid)
         self.db.delete_history(prompt_ids)
 
     def clear_history(self) -> None:
         self.history.clear()
+        self.polls = Polls()
         self.db.clear_history()
 
     async def _finish(self, task: Task, peer: Peer) -> None:
@@ -708,9 +724,12 @@ class Cluster(Recovery):
     async def broadcast_status(self) -> None:
         await self.relay.status(self.queue_remaining())
 
-    def queue_snapshot(self) -> tuple[list[Task], list[Task]]:
-        """GET /queue: (running, pending), pending in the order they will run."""
+    def queue_snapshot(self, polled: bool = False) -> tuple[list[Task], list[Task]]:
+        """(running, pending), pending in the order they will run; `polled`: GET /queue,
+        whose running list keeps a job a poller has not yet seen end (polls.py)."""
         running = [t for t in self.tasks.values() if t.state == RUNNING]
+        if polled:
+            running += [t for t in self.polls.lingering() if t.prompt_id not in self.tasks]
         waiting = [t for t in self.tasks.values() if t.state == DISPATCHED]
         waiting.sort(key=lambda t: (t.number, t.seq))
         return running, waiting + list(self.queue)
@@ -766,6 +785,7 @@ class Cluster(Recovery):
             self._cancelled(task)
 
     def _cancelled(self, task: Task) -> None:
+        self.polls.forget(task.prompt_id)
         task.state, task.finished_at = CANCELLED, time.time()
         _outcome(task, CANCELLED)
         self.tasks.pop(task.prompt_id, None)

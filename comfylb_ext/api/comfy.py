@@ -125,7 +125,7 @@ class ComfyApi:
 
     async def get_queue(self, request: web.Request) -> web.Response:
         # Each task's item is serialised once and kept: a queue of thousands answers fast.
-        running, pending = self.cluster.queue_snapshot()
+        running, pending = self.cluster.queue_snapshot(polled=True)
         body = ('{"queue_running": [' + ", ".join(t.queue_item_json() for t in running) +
                 '], "queue_pending": [' + ", ".join(t.queue_item_json() for t in pending) + "]}")
         return web.Response(text=body, content_type="application/json")
@@ -216,7 +216,7 @@ class ComfyApi:
 
     async def get_history_item(self, request: web.Request) -> web.Response:
         pid = param(request, "prompt_id")
-        entry = self.cluster.history.get(pid)
+        entry = self.cluster.history_item(pid)
         return web.json_response({pid: entry} if entry is not None else {})
 
     async def post_history(self, request: web.Request) -> web.Response:

@@ -173,3 +173,60 @@ async def test_free_reaches_every_peer_and_settings_are_forwarded_to_one():
             assert (await c.get("/api/no/such/route"))[0] == 404
             _, features = await c.get("/features")
             assert features["assets"] is False and features["supports_preview_metadata"] is True
+
+
+REPLACE = {"OldInvert": [{"new_node_id": "ImageInvert", "old_node_id": "OldInvert", "old_widget_ids": None,
+                          "input_mapping": [{"new_id": "image", "old_id": "picture"}], "output_mapping": None}]}
+
+
+async def test_a_deprecated_node_the_peers_replace_is_accepted_and_runs_replaced():
+    async with lb_over_sims(1, sim_kw=[{"replacements": REPLACE}]) as (url, sims, cluster):
+        async with Client(url) as c:
+            prompt = sleep_prompt(0.01)
+            prompt["2"] = {"class_type": "OldInvert", "inputs": {"picture": ["1", 0]}}
+            run = await c.run(prompt)
+            assert "execution_success" in run.types(), run.messages
+            ran = sims[0].sim.history[run.prompt_id]["prompt"][2]
+            assert ran["2"] == {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}
+            assert (await c.get("/node_replacements")) == (200, REPLACE)
+
+
+async def test_object_info_answers_while_a_peer_never_does():
+    """The newest web UI gives up on a request after 60 s: a peer that never answers
+    /object_info must not hold the cluster's answer."""
+    from aiohttp import web
+
+    async def ws(request):
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        await sock.send_json({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "x"}})
+        async for _ in sock:
+            pass
+        return sock
+
+    async def stats(request):
+        return web.json_response({"system": {}, "devices": []})
+
+    async def hang(request):
+        await asyncio.Event().wait()
+
+    app = web.Application()
+    app.add_routes([web.get("/ws", ws), web.get("/system_stats", stats), web.get("/object_info", hang),
+                    web.get("/node_replacements", hang)])
+    runner = web.AppRunner(app, shutdown_timeout=0.1)  # its handlers never return
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with lb_over_sims(1) as (url, sims, cluster):
+            from comfylb_ext.config import BackendConfig
+            cluster.add_peer(BackendConfig(name="stuck", port=runner.addresses[0][1]))
+            await wait_for(lambda: cluster.peers["stuck"].available, cluster)
+            cluster._catalog = None
+            for p in cluster.peers.values():
+                p.object_info = None  # as after a restart: nothing known yet
+            async with Client(url) as c:
+                status, info = await asyncio.wait_for(c.get("/object_info"), 30)
+                assert status == 200 and "EmptyImage" in info
+    finally:
+        await runner.cleanup()

@@ -46,10 +46,15 @@ def report(name: str, runs, workdir) -> dict:
     return figures
 
 
+async def running(c: Client, n: int) -> None:
+    """Until n prompts run on the peers (the client itself sees one prompt at a time)."""
+    await c.wait_event("comfylb.status", lambda d: sum(q["state"] == "running" for q in d["queue"]) >= n)
+
+
 async def through_fault(c: Client, n: int, prefix: str, fault) -> list:
     """Queue n one-second prompts, cause `fault` once three are running, wait for all."""
     runs = [(await c.queue(sleep_prompt(1.0, prefix)))[2] for _ in range(n)]
-    await c.until(lambda: sum("execution_start" in r.types() for r in runs) >= 3, 60)
+    await running(c, 3)
     fault()
     await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs)), 180)
     return runs
@@ -99,7 +104,7 @@ async def test_coordinator_killed_and_restarted(fault_lb, peers, workdir):
     async with Client(fault_lb.url) as c:
         client_id = c.client_id
         ids = [(await c.queue(sleep_prompt(1.5, "coord")))[1]["prompt_id"] for _ in range(8)]
-        await c.until(lambda: sum("execution_start" in c.runs[i].types() for i in ids) >= 2, 60)
+        await running(c, 2)
     fault_lb.signal(signal.SIGKILL)
     fault_lb.popen.wait(10)
     fault_lb.restart()

@@ -117,3 +117,49 @@ async def test_a_peer_that_takes_a_prompt_at_once_gives_its_own_verdict(lb, peer
         assert all(j.get("execution_error", {}).get("node_type") != "TestCustomValidation1" for j in jobs["jobs"])
         _, queue = await c.get("/queue")
         assert queue == {"queue_running": [], "queue_pending": []}
+
+
+async def test_one_client_sees_its_prompts_one_at_a_time_in_queue_order(lb, peers):
+    async with Client(lb.url) as c:
+        arrivals: list[str] = []
+        handle = c._handle
+
+        async def record(msg):
+            await handle(msg)
+            if msg.type == aiohttp.WSMsgType.TEXT and c._last_pid and (not arrivals or arrivals[-1] != c._last_pid):
+                arrivals.append(c._last_pid)
+        c._handle = record
+        _, _, slow = await c.queue(sleep_prompt(2.0, "ordered"))
+        _, _, fast = await c.queue(sleep_prompt(0.1, "ordered"))
+        await asyncio.wait_for(asyncio.gather(slow.done.wait(), fast.done.wait()), 60)
+        (slow_host,), (fast_host,) = await ran_on(peers, slow.prompt_id), await ran_on(peers, fast.prompt_id)
+        assert slow_host != fast_host  # they did run side by side
+        fast_ended = (await peer_history(peers, fast.prompt_id))["status"]["messages"][-1][1]["timestamp"]
+        slow_ended = (await peer_history(peers, slow.prompt_id))["status"]["messages"][-1][1]["timestamp"]
+        assert fast_ended < slow_ended
+        assert arrivals == [slow.prompt_id, fast.prompt_id]  # yet the client saw them in queue order
+
+
+async def test_interrupt_without_a_prompt_id_stops_one_prompt_not_every_peer(lb, peers):
+    async with Client(lb.url) as first_client, Client(lb.url) as other:
+        _, _, first = await first_client.queue(sleep_prompt(30, "intr"))
+        await first_client.until(lambda: "execution_start" in first.types())
+        _, _, second = await other.queue(sleep_prompt(30, "intr"))
+        await other.until(lambda: "execution_start" in second.types())
+        assert (await other.post("/interrupt"))[0] == 200
+        await asyncio.wait_for(first.done.wait(), 30)
+        assert "execution_interrupted" in first.types()
+        _, job = await other.get(f"/api/jobs/{second.prompt_id}")
+        assert job["status"] == "in_progress"
+        await other.post(f"/api/jobs/{second.prompt_id}/cancel")
+        await asyncio.wait_for(second.done.wait(), 30)
+
+
+async def test_a_value_out_of_range_is_refused_as_the_peer_refuses_it(lb, peers):
+    prompt = invert_prompt()
+    prompt["1"]["inputs"]["width"] = 1 << 20
+    async with Client(lb.url) as c:
+        status, body, _ = await c.queue(prompt)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(peers[0].url + "/prompt", json={"prompt": prompt}) as r:
+                assert (status, body) == (r.status, await r.json()) and status == 400

@@ -197,6 +197,9 @@ def messages(entry: dict) -> list[str]:
     return [m[0] for m in entry["status"]["messages"]]
 
 
+INTERLEAVE_FLAG = "() => window.comfyAPI.api.api.getClientFeatureFlags().comfylb_interleave"
+
+
 async def test_the_comfylb_tab_in_frontend_1_58(browser, coordinator_current, peers, shots):
     ui = await open_ui(browser, coordinator_current)
     page = ui.page
@@ -207,6 +210,8 @@ async def test_the_comfylb_tab_in_frontend_1_58(browser, coordinator_current, pe
             await panel.locator(f'.cl-peer[data-peer="{p.name}"].cl-healthy').wait_for(timeout=30000)
         assert await panel.locator(".cl-peer").count() == 2
         await page.screenshot(path=str(shots / "fe158-comfylb-tab.png"))
+        # the UI shows several running jobs at once: ComfyLB's extension asks for them interleaved
+        assert await page.evaluate(INTERLEAVE_FLAG) is True
         assert not [e for e in ui.errors if "comfylb" in e.lower()], ui.errors
     finally:
         await page.close()

@@ -130,6 +130,9 @@ async def test_the_coordinator_web_ui_runs_on_peers(browser, coordinators, peers
     run_button = page.locator("button.p-splitbutton-button").first
     try:
         await page.locator(".comfylb-tab-button").wait_for(timeout=90000)
+        # the UI shows several running prompts at once: ComfyLB's extension asks for them interleaved
+        assert await page.evaluate(
+            "() => window.comfyAPI.api.api.getClientFeatureFlags().comfylb_interleave") is True
         workflow = {
             "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 4321}},
             "2": {"class_type": "TestSleep", "inputs": {"value": ["1", 0], "seconds": 1.0}},

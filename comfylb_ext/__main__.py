@@ -10,6 +10,7 @@ from aiohttp import web
 
 from . import __version__
 from .config import Config, ConfigError, check_port, load
+from .store import StoreError
 
 log = logging.getLogger("comfylb_ext")
 
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"comfylb: cannot listen on {cfg.server.host}:{cfg.server.port}: {e.strerror or e}", file=sys.stderr)
         return 1
+    except StoreError as e:
+        print(f"comfylb: state error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     return 0

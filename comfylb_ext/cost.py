@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict, deque
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 RUNS_KEPT = 64     # per workflow
 KEYS_KEPT = 256    # workflows remembered
@@ -73,6 +73,12 @@ class CostModel:
         self._runs.move_to_end(s.key)
         runs.append((s.features, seconds))
         self._fits.pop(s.key, None)
+
+    def runs(self) -> Iterator[tuple[Shape, float]]:
+        """Every run remembered, oldest workflow first."""
+        for key, runs in self._runs.items():
+            for features, seconds in runs:
+                yield Shape(key, features), seconds
 
     def predict(self, s: Shape) -> float | None:
         fit = self._fits.get(s.key)

@@ -31,7 +31,7 @@ from .recovery import TERMINAL_EVENTS, Recovery, _now_ms, _outcome
 from .peer import Peer, PeerError
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview, without_asset_ids
 from .scheduler import SchedulerState, longest_first, pick
-from .store import Store
+from .store import Snapshot, Store, StoreError
 from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, Task,
                     TaskQueue)
 from .uploads import InputStore, split_annotation
@@ -50,6 +50,8 @@ PUMP_SCAN = 1000                  # queued tasks looked at per dispatch for one 
 AFFINITY_LOOKAHEAD = 64           # queued tasks a warm peer looks through for one using its models
 ORDER_WINDOW = 64                 # longest_first: queued tasks reordered; also the most times one is overtaken
 PREFETCH_MAX = 32 << 20           # outputs larger than this are relayed on demand, not copied ahead
+KEPT_CHECK_EVERY = 0.5            # seconds between looks for returned clients with results waiting
+STORE_CHECK_EVERY = 2.0           # seconds between checks that the state database is still there and writable
 # Events the coordinator keeps for a history entry it must write itself.
 _STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
 
@@ -78,6 +80,7 @@ class Cluster(Recovery):
         self.started_at = time.time()
         self._picks = itertools.count()
         self._catalog: dict[str, dict] | None = None
+        self.runtime_peers: dict[str, BackendConfig] = {}  # added by POST /lb/backends, kept in the database
         self._replacements: dict[str, list[dict]] = {}
         self._bg: set[asyncio.Task] = set()
         self.session: aiohttp.ClientSession | None = None
@@ -99,9 +102,12 @@ class Cluster(Recovery):
             self.add_peer(b)
         for b in self.db.load_peers():
             if b.name not in self.peers:
+                self.runtime_peers[b.name] = b
                 self.add_peer(b)
         self._restore()
         self.health.start()
+        self.spawn(self._keep_state_on_disk())
+        self.spawn(self._deliver_kept())
         log.info("coordinator up with %d peer(s), strategy %s", len(self.peers), self.sched.strategy)
 
     def _restore(self) -> None:
@@ -133,6 +139,30 @@ class Cluster(Recovery):
         if requeued or held:
             log.info("restored %d queued prompt(s) and %d on peers (to reconcile)", requeued, held)
         self.pump()
+
+    async def _keep_state_on_disk(self) -> None:
+        """A write that failed (a full disk) or a database file deleted under us: the whole
+        state, which memory still holds, is written again as soon as the disk takes it."""
+        while True:
+            await asyncio.sleep(STORE_CHECK_EVERY)
+            if self.db.needs_rebuild():
+                self.db.rebuild(self.state_snapshot())
+
+    async def _deliver_kept(self) -> None:
+        """Results kept for clients that were away reach them once they are back (a host
+        that tells when a socket connects delivers them at once too)."""
+        while True:
+            await asyncio.sleep(KEPT_CHECK_EVERY)
+            if self.relay.mailbox:
+                await self.relay.deliver_kept()
+
+    def state_snapshot(self) -> Snapshot:
+        return Snapshot(
+            meta={"client_id": self.client_id, "number": self.numbering.next},
+            peers=list(self.runtime_peers.values()), tasks=list(self.record.values()),
+            history=[(pid, e["prompt"][0] if e.get("prompt") else i, e) for i, (pid, e) in
+                     enumerate(self.history.items().items())],
+            files=dict(self.outputs.holders), runs=list(self.costs.runs()))
 
     async def stop(self) -> None:
         await self.health.stop()
@@ -182,6 +212,7 @@ class Cluster(Recovery):
             "in_flight": sum(len(p.inflight) for p in self.peers.values()),
             "backends": {p.name: {"in_flight": len(p.inflight), "jobs_done": p.jobs_done, "jobs_failed": p.jobs_failed,
                                   "mean_job_time": p.mean_job_time} for p in self.peers.values()},
+            "storage": {"ok": self.db.problem is None, "problem": self.db.problem},
         }
 
     def scheduler_info(self) -> dict:
@@ -211,6 +242,7 @@ class Cluster(Recovery):
         assert self.session is not None
         if persist:
             self.db.save_peer(b)
+            self.runtime_peers[b.name] = b
         peer = Peer(b, self.session, self.client_id, self, self.cfg.health_check.timeout * 10)
         self.peers[b.name] = peer
         peer.start()
@@ -224,6 +256,7 @@ class Cluster(Recovery):
         peer = self.peers[name]
         peer.removed = True
         self.db.delete_peer(name)
+        self.runtime_peers.pop(name, None)
         log.info("peer %s removed%s", name, f"; {len(peer.tasks)} prompt(s) finish there first" if peer.tasks else "")
         self._catalog = None
         self.changed()
@@ -360,11 +393,16 @@ class Cluster(Recovery):
         task = Task(prompt_id, number, prompt, extra, outputs,
                     client_id=str(client_id) if client_id else None, partial_targets=partial, targets=targets)
         task.req = req
+        self.queue.push(task)
+        try:
+            self.db.add_task(task)  # acknowledged only once it is on disk
+        except StoreError as e:
+            self.queue.remove(prompt_id)
+            return 503, validation.error_body(validation._err(
+                "storage_unavailable", "The coordinator cannot store the prompt; try again later.", str(e)))
         self.tasks[prompt_id] = task
         self._remember(task)
-        self.queue.push(task)
         self.relay.expect(task.client_id, prompt_id, (task.number, task.seq))
-        self.db.add_task(task)
         self.db.put("number", self.numbering.next)
         self.counts["submitted"] += 1
         self.changed()
@@ -537,6 +575,7 @@ class Cluster(Recovery):
                  "meta": {}, "comfylb": {"attempts": task.attempt_log}}
         self._add_history(task.prompt_id, entry)
         self.tasks.pop(task.prompt_id, None)
+        task.drop_secrets()
         self.db.update_task(task)
         self.counts["failed"] += 1
         self.changed()
@@ -709,6 +748,7 @@ class Cluster(Recovery):
         entry["comfylb"] = {"attempts": task.attempt_log}
         self._add_history(task.prompt_id, entry)
         self.tasks.pop(task.prompt_id, None)
+        task.drop_secrets()
         self.db.update_task(task)
         self.counts["completed" if ok else "cancelled" if interrupted else "failed"] += 1
         self.changed()
@@ -789,6 +829,7 @@ class Cluster(Recovery):
         task.state, task.finished_at = CANCELLED, time.time()
         _outcome(task, CANCELLED)
         self.tasks.pop(task.prompt_id, None)
+        task.drop_secrets()
         self.db.update_task(task)
         self.counts["cancelled"] += 1
         self.changed()

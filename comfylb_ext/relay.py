@@ -11,6 +11,7 @@ import struct
 from typing import Any, Protocol
 
 from .delivery import INTERLEAVE_FLAG, Delivery
+from .mailbox import KEPT, Mailbox
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class Hub(Protocol):
     async def send_json(self, event: str, data: Any, sid: str | None = None) -> None: ...
     async def send_bytes(self, event: int, payload: bytes, sid: str | None = None) -> None: ...
     def client_flags(self, sid: str) -> dict: ...
+    def connected(self, sid: str) -> bool: ...
 
 
 # Asset-record ids a peer with assets enabled adds to output items: they name rows in that
@@ -74,6 +76,7 @@ class Relay:
     def __init__(self, hub: Hub, ordered: bool = True) -> None:
         self.hub = hub
         self.delivery = Delivery(ordered)
+        self.mailbox = Mailbox()
 
     def expect(self, client_id: str | None, prompt_id: str, key: tuple) -> None:
         self.delivery.expect(client_id, prompt_id, key)
@@ -87,9 +90,23 @@ class Relay:
 
     async def json(self, client_id: str | None, event: str, data: Any, prompt_id: str | None = None) -> None:
         if client_id:
-            await self._deliver(client_id, prompt_id, lambda: self.hub.send_json(event, data, client_id), 1024)
+            await self._deliver(client_id, prompt_id, lambda: self._to_client(client_id, event, data), 1024)
         elif event in _BROADCAST_WITHOUT_CLIENT:
             await self.hub.send_json(event, data, None)
+
+    async def _to_client(self, client_id: str, event: str, data: Any) -> None:
+        if self.hub.connected(client_id):
+            await self.hub.send_json(event, data, client_id)
+        elif event in KEPT or (event == "executing" and isinstance(data, dict) and data.get("node") is None):
+            self.mailbox.keep(client_id, event, data)  # its result: kept until the client is back
+
+    async def deliver_kept(self, client_id: str | None = None) -> None:
+        """Results kept for clients that were away, to those now connected (`client_id`:
+        the one that just connected)."""
+        for sid in [client_id] if client_id else self.mailbox.waiting():
+            if self.hub.connected(sid):
+                for event, data in self.mailbox.take(sid):
+                    await self.hub.send_json(event, data, sid)
 
     async def preview(self, client_id: str | None, payload: bytes, prompt_id: str | None = None) -> None:
         """A type-4 payload from a peer, to the client in the form it asked for."""

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .config import BackendConfig
 from .cost import Shape
-from .tasks import TERMINAL, Task
+from .tasks import SENSITIVE_KEYS, TERMINAL, Task
 
 log = logging.getLogger(__name__)
 
@@ -46,34 +47,126 @@ CREATE TABLE IF NOT EXISTS runs (shape BLOB NOT NULL, features TEXT NOT NULL, se
 _BODY = ("number", "seq", "prompt", "extra_data", "outputs", "client_id", "partial_targets", "messages")
 
 
+class StoreError(Exception):
+    """The state database cannot be used: one line for people, like a config error."""
+
+
+@dataclass
+class Snapshot:
+    """Everything the database holds, from memory: written afresh when the file was lost."""
+    meta: dict[str, Any]
+    peers: list[BackendConfig]
+    tasks: list[Task]
+    history: list[tuple[str, int, dict]]
+    files: dict[tuple[str, str, str], str]
+    runs: list[tuple[Shape, float]]
+
+
 class Store:
+    """Every write goes through `_write`: a failed one (a full disk, a file deleted under
+    us) is logged once and marks the store as needing a rebuild from memory, which the
+    coordinator does as soon as it can (`needs_rebuild`, `rebuild`).  Only adding a task
+    raises, so a prompt is acknowledged only once it is on disk."""
+
     def __init__(self, path: str | Path | None) -> None:
         self.path = str(path) if path else ":memory:"
-        if path:
+        self.problem: str | None = None
+        self._identity: tuple[int, int] | None = None
+        self.db = self._open(self.path)
+
+    def _open(self, path: str) -> sqlite3.Connection:
+        if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA secure_delete=ON")  # what a finished task drops (API keys) is not left in free pages
+            db.executescript(SCHEMA)
+        except sqlite3.Error as e:
+            raise StoreError(f"state database {path} cannot be used ({e}); move it away to start with an empty "
+                             "state (what it held is then forgotten)") from None
+        if path != ":memory:":
+            for f in (path, path + "-wal", path + "-shm"):  # it holds Comfy.org API keys of queued prompts
+                try:
+                    os.chmod(f, 0o600)
+                except OSError:
+                    pass
+            self._identity = _identity(path)
+        return db
 
     def close(self) -> None:
         self.db.close()
 
+    # -- health ----------------------------------------------------------------------
+    def _write(self, sql: str, params: Any = (), many: bool = False) -> bool:
+        try:
+            (self.db.executemany if many else self.db.execute)(sql, params)
+            return True
+        except sqlite3.Error as e:
+            if self.problem is None:
+                log.error("state database %s: a write failed (%s); state is kept in memory and written "
+                          "again as soon as the database takes it", self.path, e)
+            self.problem = str(e)
+            return False
+
+    def needs_rebuild(self) -> bool:
+        """A write failed, or the file was deleted or replaced while we ran."""
+        if self.path == ":memory:":
+            return False
+        if self.problem is None and _identity(self.path) != self._identity:
+            self.problem = "the database file was deleted or replaced"
+            log.error("state database %s: %s; writing the whole state again", self.path, self.problem)
+        return self.problem is not None
+
+    def rebuild(self, state: Snapshot) -> bool:
+        """Write the whole state into a new file in place of the old one; True if done."""
+        fresh = self.path + ".new"
+        try:
+            for f in (fresh, fresh + "-wal", fresh + "-shm"):
+                if os.path.exists(f):
+                    os.unlink(f)
+            db = sqlite3.connect(fresh, isolation_level=None, check_same_thread=False)
+            try:
+                db.executescript(SCHEMA)
+                db.execute("BEGIN")
+                _write_all(db, state)
+                db.execute("COMMIT")
+            finally:
+                db.close()
+            self.db.close()
+            for f in (self.path + "-wal", self.path + "-shm"):
+                if os.path.exists(f):
+                    os.unlink(f)
+            os.replace(fresh, self.path)
+        except (sqlite3.Error, OSError) as e:
+            log.warning("state database %s: still cannot write it (%s); trying again shortly", self.path, e)
+            try:
+                self.db = self._open(self.path)
+            except StoreError:
+                pass
+            return False
+        self.db = self._open(self.path)
+        log.warning("state database %s: written again from memory (%d task(s), %d history entries); "
+                    "nothing acknowledged was lost", self.path, len(state.tasks), len(state.history))
+        self.problem = None
+        return True
+
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, t: Task) -> None:
-        body = {k: getattr(t, k) for k in _BODY}
-        body["targets"] = sorted(t.targets) if t.targets is not None else None
-        self.db.execute(
-            "INSERT OR REPLACE INTO tasks (prompt_id, body, state, peer, attempts, error, dispatched_at, started_at,"
-            " finished_at, attempt_log, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (t.prompt_id, json.dumps(body), t.state, t.peer, t.attempts, t.error, t.dispatched_at, t.started_at,
-             t.finished_at, json.dumps(t.attempt_log), t.created))
+        """A new prompt, durably: StoreError if it is not on disk (the prompt is refused)."""
+        if not self._write(*_task_row(t)):
+            raise StoreError(f"the coordinator cannot store the prompt ({self.problem})")
 
     def delete_task(self, prompt_id: str) -> None:
-        self.db.execute("DELETE FROM tasks WHERE prompt_id=?", (prompt_id,))
+        self._write("DELETE FROM tasks WHERE prompt_id=?", (prompt_id,))
 
     def update_task(self, t: Task) -> None:
-        self.db.execute(
+        if t.secrets_dropped:
+            t.secrets_dropped = False
+            self._write(*_task_row(t, public=True))  # a finished task keeps no Comfy.org keys on disk
+            return
+        self._write(
             "UPDATE tasks SET state=?, peer=?, attempts=?, error=?, dispatched_at=?, started_at=?, finished_at=?,"
             " attempt_log=? WHERE prompt_id=?",
             (t.state, t.peer, t.attempts, t.error, t.dispatched_at, t.started_at, t.finished_at,
@@ -84,11 +177,11 @@ class Store:
         live = self.db.execute("SELECT * FROM tasks WHERE state NOT IN (?,?,?) ORDER BY created", tuple(TERMINAL))
         done = self.db.execute("SELECT * FROM (SELECT * FROM tasks WHERE state IN (?,?,?) ORDER BY created DESC"
                                " LIMIT ?) ORDER BY created", (*TERMINAL, finished))
-        return [self._task(row) for row in list(done) + list(live)]
+        return _readable(self._task, list(done) + list(live), "task")
 
     def prune_tasks(self, keep: int) -> None:
-        self.db.execute("DELETE FROM tasks WHERE state IN (?,?,?) AND prompt_id NOT IN (SELECT prompt_id FROM tasks"
-                        " WHERE state IN (?,?,?) ORDER BY created DESC LIMIT ?)", (*TERMINAL, *TERMINAL, keep))
+        self._write("DELETE FROM tasks WHERE state IN (?,?,?) AND prompt_id NOT IN (SELECT prompt_id FROM tasks"
+                    " WHERE state IN (?,?,?) ORDER BY created DESC LIMIT ?)", (*TERMINAL, *TERMINAL, keep))
 
     @staticmethod
     def _task(row: sqlite3.Row | tuple) -> Task:
@@ -99,63 +192,123 @@ class Store:
                  dispatched_at=dispatched_at, started_at=started_at, finished_at=finished_at, created=created)
         t.targets = frozenset(targets) if targets is not None else None
         t.attempt_log = json.loads(attempt_log)
+        if not isinstance(t.prompt, dict) or not isinstance(t.extra_data, dict) or not isinstance(t.attempt_log, list):
+            raise ValueError("not a task")
         return t
 
     # -- history -----------------------------------------------------------------------
     def add_history(self, prompt_id: str, position: int, entry: dict) -> None:
-        self.db.execute("INSERT OR REPLACE INTO history VALUES (?,?,?)", (prompt_id, position, json.dumps(entry)))
+        self._write("INSERT OR REPLACE INTO history VALUES (?,?,?)", (prompt_id, position, json.dumps(entry)))
 
     def delete_history(self, prompt_ids: Iterable[str]) -> None:
-        self.db.executemany("DELETE FROM history WHERE prompt_id=?", [(p,) for p in prompt_ids])
+        self._write("DELETE FROM history WHERE prompt_id=?", [(p,) for p in prompt_ids], many=True)
 
     def clear_history(self) -> None:
-        self.db.execute("DELETE FROM history")
+        self._write("DELETE FROM history")
 
     def prune_history(self, keep: int) -> None:
-        self.db.execute("DELETE FROM history WHERE position <= (SELECT position FROM history ORDER BY position DESC"
-                        " LIMIT 1 OFFSET ?)", (keep,))
+        self._write("DELETE FROM history WHERE position <= (SELECT position FROM history ORDER BY position DESC"
+                    " LIMIT 1 OFFSET ?)", (keep,))
 
     def load_history(self) -> list[tuple[str, int, dict]]:
-        return [(pid, pos, json.loads(e)) for pid, pos, e in
-                self.db.execute("SELECT prompt_id, position, entry FROM history ORDER BY position")]
+        def entry(row: tuple) -> tuple[str, int, dict]:
+            pid, pos, e = row
+            value = json.loads(e)
+            if not isinstance(value, dict) or not isinstance(pos, int):
+                raise ValueError("not a history entry")
+            return pid, pos, value
+        rows = self.db.execute("SELECT prompt_id, position, entry FROM history ORDER BY position")
+        return _readable(entry, rows, "history entry")
 
     # -- peers added at runtime ----------------------------------------------------------
     def save_peer(self, b: BackendConfig) -> None:
-        self.db.execute("INSERT OR REPLACE INTO peers VALUES (?,?)", (b.name, json.dumps(asdict(b))))
+        self._write("INSERT OR REPLACE INTO peers VALUES (?,?)", (b.name, json.dumps(asdict(b))))
 
     def delete_peer(self, name: str) -> None:
-        self.db.execute("DELETE FROM peers WHERE name=?", (name,))
+        self._write("DELETE FROM peers WHERE name=?", (name,))
 
     def load_peers(self) -> list[BackendConfig]:
-        return [BackendConfig(**json.loads(c)) for (c,) in self.db.execute("SELECT config FROM peers ORDER BY rowid")]
+        return _readable(lambda row: BackendConfig(**json.loads(row[0])),
+                         self.db.execute("SELECT config FROM peers ORDER BY rowid"), "peer")
 
     # -- files and counters ----------------------------------------------------------------
     def set_files(self, rows: list[tuple[str, str, str, str]]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?)", rows)
+        self._write("INSERT OR REPLACE INTO files VALUES (?,?,?,?)", rows, many=True)
 
     def load_files(self) -> dict[tuple[str, str, str], str]:
         return {(t, s, f): p for t, s, f, p in self.db.execute("SELECT type, subfolder, filename, peer FROM files")}
 
     # -- run times, for the cost model ----------------------------------------------------
     def add_run(self, shape: Shape, seconds: float) -> None:
-        self.db.execute("INSERT INTO runs VALUES (?,?,?)", (shape.key, json.dumps(shape.features), seconds))
+        self._write("INSERT INTO runs VALUES (?,?,?)", (shape.key, json.dumps(shape.features), seconds))
 
     def prune_runs(self, keep: int) -> None:
-        self.db.execute("DELETE FROM runs WHERE rowid <= (SELECT rowid FROM runs ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
-                        (keep,))
+        self._write("DELETE FROM runs WHERE rowid <= (SELECT rowid FROM runs ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                    (keep,))
 
     def load_runs(self, keep: int) -> list[tuple[Shape, float]]:
         """The newest `keep` runs, oldest first; older ones are deleted."""
         self.prune_runs(keep)
-        return [(Shape(key, tuple(json.loads(f))), seconds)
-                for key, f, seconds in self.db.execute("SELECT shape, features, seconds FROM runs ORDER BY rowid")]
+
+        def run(row: tuple) -> tuple[Shape, float]:
+            key, f, seconds = row
+            return Shape(key, tuple(float(x) for x in json.loads(f))), float(seconds)
+        return _readable(run, self.db.execute("SELECT shape, features, seconds FROM runs ORDER BY rowid"), "run")
 
     def get(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        try:
+            return json.loads(row[0]) if row else default
+        except (ValueError, RecursionError, TypeError):
+            return default
 
     def put(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, json.dumps(value)))
+        self._write("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, json.dumps(value)))
+
+
+_TASK_INSERT = ("INSERT OR REPLACE INTO tasks (prompt_id, body, state, peer, attempts, error, dispatched_at, started_at,"
+                " finished_at, attempt_log, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+
+
+def _task_row(t: Task, public: bool = False) -> tuple[str, tuple]:
+    body = {k: getattr(t, k) for k in _BODY}
+    if public:
+        body["extra_data"] = {k: v for k, v in t.extra_data.items() if k not in SENSITIVE_KEYS}
+    body["targets"] = sorted(t.targets) if t.targets is not None else None
+    return _TASK_INSERT, (t.prompt_id, json.dumps(body), t.state, t.peer, t.attempts, t.error, t.dispatched_at,
+                          t.started_at, t.finished_at, json.dumps(t.attempt_log), t.created)
+
+
+def _readable(parse: Callable[[Any], Any], rows: Iterable, what: str) -> list:
+    """Rows that parse; any other (hand-edited, too deeply nested, …) is skipped and said."""
+    out, bad = [], 0
+    for row in rows:
+        try:
+            out.append(parse(row))
+        except (ValueError, TypeError, KeyError, RecursionError):
+            bad += 1
+    if bad:
+        log.warning("state database: %d unreadable %s row(s) skipped", bad, what)
+    return out
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _write_all(db: sqlite3.Connection, state: Snapshot) -> None:
+    db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in state.meta.items()])
+    db.executemany("INSERT INTO peers VALUES (?,?)", [(b.name, json.dumps(asdict(b))) for b in state.peers])
+    for t in state.tasks:
+        db.execute(*_task_row(t, public=t.state in TERMINAL))
+    db.executemany("INSERT INTO history VALUES (?,?,?)", [(p, pos, json.dumps(e)) for p, pos, e in state.history])
+    db.executemany("INSERT INTO files VALUES (?,?,?,?)", [(*k, p) for k, p in state.files.items()])
+    db.executemany("INSERT INTO runs VALUES (?,?,?)",
+                   [(shape.key, json.dumps(shape.features), sec) for shape, sec in state.runs])
 
 
 def database_path(cfg) -> str | None:

@@ -33,6 +33,7 @@ class Task:
     stealing: bool = False  # being taken back from its peer's queue for an idle peer
     overtaken: int = 0  # times a prompt queued after it was dispatched first (longest_first)
     predicted: float | None = None  # the cost model's run time for it when dispatched
+    secrets_dropped: bool = False  # its Comfy.org keys were taken out when it finished: rewrite its row
     verdict: Any = None  # asyncio.Future of its first peer's answer while its submitter waits for it
     _shape: Shape | None = field(default=None, repr=False)
     _item_json: str | None = field(default=None, repr=False)
@@ -71,6 +72,12 @@ class Task:
         an older ComfyLB have none)."""
         value = self.extra_data.get("create_time")
         return value if isinstance(value, int) else int(self.created * 1000)
+
+    def drop_secrets(self) -> None:
+        """A finished task needs no Comfy.org keys any more (the database keeps none either)."""
+        if any(k in self.extra_data for k in SENSITIVE_KEYS):
+            self.secrets_dropped = True
+            self.extra_data = {k: v for k, v in self.extra_data.items() if k not in SENSITIVE_KEYS}
 
     def public_extra_data(self) -> dict:
         extra = {k: v for k, v in self.extra_data.items() if k not in SENSITIVE_KEYS}

@@ -21,7 +21,7 @@ from ..api.comfy import ComfyApi
 from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, load
 from ..dispatcher import Cluster
-from ..store import database_path, open_store
+from ..store import StoreError, database_path, open_store
 from ..uploads import InputStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ class PromptServerHub:
         flags = (self.server.sockets_metadata.get(sid) or {}).get("feature_flags")
         return flags if isinstance(flags, dict) else {}
 
+    def connected(self, sid: str) -> bool:
+        return sid in self.server.sockets
+
 
 def find_config(here: str) -> str:
     return os.environ.get("COMFYLB_CONFIG") or os.path.join(here, "config.yaml")
@@ -75,7 +78,11 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
         return None
     if not os.path.isabs(cfg.storage.dir):
         cfg.storage.dir = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.storage.dir)
-    return attach(server, cfg)
+    try:
+        return attach(server, cfg)
+    except StoreError as e:
+        log.error("ComfyLB: state error: %s; ComfyUI runs as usual", e)
+        return None
 
 
 def _local_address() -> tuple[str, int]:

@@ -47,6 +47,9 @@ class SocketHub:
     def client_flags(self, sid: str) -> dict:
         return self.flags.get(sid, {})
 
+    def connected(self, sid: str) -> bool:
+        return bool(self.sockets.get(sid))
+
     def _targets(self, sid: str | None) -> list[web.WebSocketResponse]:
         if sid is None:
             return [ws for group in self.sockets.values() for ws in group]
@@ -115,6 +118,7 @@ def build_app(cfg: Config) -> web.Application:
         try:
             await ws.send_json({"type": "status", "data": {
                 "status": {"exec_info": {"queue_remaining": cluster.queue_remaining()}}, "sid": sid}})
+            await cluster.relay.deliver_kept(sid)  # results of prompts that ended while it was away
             first = True
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT or not first:

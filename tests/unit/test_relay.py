@@ -17,6 +17,11 @@ class FakeHub:
     def client_flags(self, sid):
         return {"supports_preview_metadata": self.flags.get(sid, False)}
 
+    def connected(self, sid):
+        return sid not in self.away
+
+    away = set()
+
 
 def type4(meta, image=b"\x89PNGdata"):
     m = json.dumps(meta).encode()
@@ -44,3 +49,18 @@ async def test_prompts_without_client_only_broadcast_progress():
     for event in ("execution_start", "progress", "executed", "execution_interrupted"):
         await relay.json(None, event, {})
     assert [e for _, e, _ in hub.sent] == ["progress", "execution_interrupted"]
+
+
+async def test_results_wait_for_a_client_that_is_away_and_reach_it_when_it_is_back():
+    hub = FakeHub({})
+    relay = Relay(hub)
+    hub.away = {"c"}
+    for event, data in (("progress", {"value": 1}), ("executed", {"output": {}}), ("execution_success", {}),
+                        ("executing", {"node": None}), ("executing", {"node": "3"})):
+        await relay.json("c", event, data)
+    assert hub.sent == []
+    hub.away = set()
+    await relay.deliver_kept()
+    assert [e for _, e, _ in hub.sent] == ["executed", "execution_success", "executing"]
+    await relay.deliver_kept("c")
+    assert len(hub.sent) == 3  # each once

@@ -59,7 +59,7 @@ class HealthCheckConfig:
 class QueueConfig:
     max_size: int = 1000
     retry_interval: float = 1.0
-    max_retries: int = 3
+    max_retries: int = 1  # a prompt that took down two peers is not given a third
 
 
 @dataclass

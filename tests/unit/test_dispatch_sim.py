@@ -67,6 +67,28 @@ async def test_poison_prompt_fails_after_max_retries():
             assert hist[body["prompt_id"]]["status"]["status_str"] == "error"
 
 
+async def test_a_poison_prompt_takes_down_at_most_two_peers_by_default():
+    async with lb_over_sims(3, queue={"retry_interval": 0.05}) as (url, sims, cluster):
+        killed = []
+
+        async def kill_whoever_runs_it():  # each peer that starts it dies
+            while True:
+                await wait_for(lambda: any(s.sim.running for s in sims if s not in killed), *(s.sim for s in sims))
+                victim = next(s for s in sims if s.sim.running and s not in killed)
+                killed.append(victim)
+                await victim.stop()
+        async with Client(url) as c:
+            _, body, run = await c.queue(sleep_prompt(5.0))
+            killer = asyncio.create_task(kill_whoever_runs_it())
+            try:
+                await asyncio.wait_for(run.done.wait(), 20)
+            finally:
+                killer.cancel()
+            err = run.first("execution_error")
+            assert err["exception_type"] == "comfylb.PeerLost" and "gave up after 2 attempts" in err["exception_message"]
+            assert len(killed) == 2  # the third peer never got it
+
+
 async def test_delete_reaches_prompts_waiting_on_a_peer():
     async with lb_over_sims(1, max_queue=3) as (url, sims, cluster):
         async with Client(url) as c:

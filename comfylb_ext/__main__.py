@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import tempfile
 
 from aiohttp import web
 
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if cfg.server.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.demo:  # simulated runs never touch a real balancer's queue and history
+        cfg.storage.dir = tempfile.mkdtemp(prefix="comfylb-demo-")
     if not cfg.backends and not args.demo:
         log.warning("no backends configured: prompts will wait until a peer is added")
     try:

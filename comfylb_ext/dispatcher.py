@@ -81,6 +81,7 @@ class Cluster(Recovery):
         self._picks = itertools.count()
         self._catalog: dict[str, dict] | None = None
         self.runtime_peers: dict[str, BackendConfig] = {}  # added by POST /lb/backends, kept in the database
+        self._waiting: str | None = None  # why prompts wait, as last said
         self._replacements: dict[str, list[dict]] = {}
         self._bg: set[asyncio.Task] = set()
         self.session: aiohttp.ClientSession | None = None
@@ -213,6 +214,7 @@ class Cluster(Recovery):
             "backends": {p.name: {"in_flight": len(p.inflight), "jobs_done": p.jobs_done, "jobs_failed": p.jobs_failed,
                                   "mean_job_time": p.mean_job_time} for p in self.peers.values()},
             "storage": {"ok": self.db.problem is None, "problem": self.db.problem},
+            "waiting": self._waiting,
         }
 
     def scheduler_info(self) -> dict:
@@ -420,6 +422,30 @@ class Cluster(Recovery):
 
     # -- dispatch ------------------------------------------------------------------
     def pump(self) -> None:
+        self._pump()
+        reason = self.waiting_reason()
+        if reason != self._waiting:  # said once per change, not at every event
+            self._waiting = reason
+            if reason:
+                log.warning("%d prompt(s) wait: %s", len(self.queue), reason)
+            else:
+                log.info("prompts are being dispatched again")
+            self.changed()
+
+    def waiting_reason(self) -> str | None:
+        """Why queued prompts wait although they could run, for people: None when they
+        only wait their turn on busy peers."""
+        if not len(self.queue) or any(p.available for p in self.peers.values()):
+            return None
+        peers = [p for p in self.peers.values() if not p.removed]
+        if not peers:
+            return "no peer is configured (add one under backends in the config, or POST /lb/backends)"
+        return "no peer is available: " + "; ".join(
+            f"{p.name} is {p.status}" + (f" ({p.health.last_error or p.link_error})"
+                                         if p.status not in ("disabled", "healthy") and (p.health.last_error or p.link_error) else "")
+            for p in peers)
+
+    def _pump(self) -> None:
         """Hand queued tasks to peers with room, best first, until one side runs out.
 
         A task that only some peers may run (a routing rule) does not hold up the tasks
@@ -595,6 +621,7 @@ class Cluster(Recovery):
         self.pump()
 
     async def on_link_down(self, peer: Peer, reason: str) -> None:
+        self.pump()  # nothing to dispatch to it; says so if prompts now wait for no peer
         self.changed()
         self.spawn(self._recover_after(peer))
         self.spawn(self.broadcast_status())

@@ -26,7 +26,7 @@ def test_defaults_match_the_documented_schema():
     assert (cfg.scheduler.strategy, cfg.scheduler.prefer_idle, cfg.scheduler.order) == ("least_busy", True, "fifo")
     hc = cfg.health_check
     assert (hc.interval, hc.timeout, hc.unhealthy_threshold, hc.healthy_threshold) == (5.0, 3.0, 3, 1)
-    assert (cfg.queue.max_size, cfg.queue.retry_interval, cfg.queue.max_retries) == (1000, 1.0, 3)
+    assert (cfg.queue.max_size, cfg.queue.retry_interval, cfg.queue.max_retries) == (1000, 1.0, 1)
     b = parse_backend({"name": "comfy-1"})
     assert (b.host, b.port, b.weight, b.max_queue, b.enabled) == ("127.0.0.1", 8188, 1, 10, True)
 

@@ -1,0 +1,32 @@
+"""First run, as a new user meets it: why prompts wait, the demo's own state."""
+from __future__ import annotations
+
+import asyncio
+
+from comfylb_ext import __main__ as cli
+from tests.client import Client, sleep_prompt
+from tests.simcluster import lb_over_sims, wait_for
+
+
+async def test_prompts_waiting_for_no_peer_say_why(caplog):
+    async with lb_over_sims(1) as (url, sims, cluster):
+        async with Client(url) as c:
+            assert (await c.post("/lb/backends/sim0/disable"))[0] == 200
+            _, _, run = await c.queue(sleep_prompt(0.01))
+            _, stats = await c.get("/lb/stats")
+            assert stats["waiting"] == "no peer is available: sim0 is disabled"
+            assert any("prompt(s) wait: no peer is available" in r.getMessage() for r in caplog.records)
+            await c.post("/lb/backends/sim0/enable")
+            await asyncio.wait_for(run.done.wait(), 10)
+            await wait_for(lambda: cluster.stats()["waiting"] is None, cluster)
+
+
+def test_the_demo_keeps_its_own_state(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    async def serve(cfg, demo):
+        seen["dir"], seen["demo"] = cfg.storage.dir, demo
+    monkeypatch.setattr(cli, "_serve", serve)
+    assert cli.main(["--demo"]) == 0
+    assert seen["demo"] and seen["dir"] != "comfylb-data" and "demo" in seen["dir"]

@@ -1,4 +1,4 @@
-"""`python -m comfylb_ext -c config.yaml -H 0.0.0.0 -p 8100` — the standalone balancer."""
+"""`python -m comfylb_ext -c config.yaml [-H 127.0.0.1] [-p 8100]` — the standalone balancer."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ import tempfile
 from aiohttp import web
 
 from . import __version__
+from .access import configured_tokens, exposure_problem, is_loopback_host
 from .config import Config, ConfigError, check_port, load
 from .store import StoreError
 
@@ -60,6 +61,9 @@ async def _serve(cfg: Config, demo: bool) -> None:
     await site.start()
     log.info("ComfyLB listening on http://%s:%d with %d peer(s)", cfg.server.host, cfg.server.port,
              len(cfg.backends))
+    if not is_loopback_host(cfg.server.host) and not any(configured_tokens(cfg)):
+        log.warning("no token and listening on %s: OPEN to anyone who can reach it (auth.allow_open is true)",
+                    cfg.server.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     import signal
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args)
     except ConfigError as e:
         print(f"comfylb: config error: {e}", file=sys.stderr)
+        return 2
+    problem = exposure_problem(cfg)
+    if problem:
+        print(f"comfylb: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if cfg.server.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -61,35 +61,86 @@ def cache_keys(prompt: dict) -> frozenset[int]:
                 stack.append((nid, True))
                 stack.extend((up, False) for up in links.values() if up not in keys)
                 continue
-            parts = [[name, keys.get(links[name], 0), inputs[name][1]] if name in links else [name, inputs[name]]
-                     for name in sorted(inputs)]  # a link in a cycle (invalid anyway) counts as 0
-            keys[nid] = hash(json.dumps([node.get("class_type"), parts], default=str))
+            try:
+                parts = tuple((name, keys.get(links[name], 0), _frozen(inputs[name][1])) if name in links
+                              else (name, _frozen(inputs[name])) for name in sorted(inputs, key=str))
+            except RecursionError:  # a prompt stored before input depth was bounded
+                parts = ("too deep", nid)
+            keys[nid] = hash((_frozen(node.get("class_type")), parts))  # a link in a cycle counts as 0
     return frozenset(keys.values())
+
+
+def _frozen(value):
+    """A hashable stand-in for a JSON value: a string as it is (Python keeps a string's
+    hash, so a large one costs its size once, not at every prompt that holds it), anything
+    else as its JSON (1, 1.0 and true differ, as inputs)."""
+    if isinstance(value, str):
+        return value
+    return (json.dumps(value, sort_keys=True, default=str),)
+
+
+def object_info_problem(info: object) -> str | None:
+    """What makes a peer's /object_info unusable (None: nothing): it must map class
+    names to objects.  One peer's broken answer must not break the cluster's catalog,
+    validation or scheduling: the caller ignores such an answer, and every function here
+    copes with any JSON inside a class's definition."""
+    if not isinstance(info, dict):
+        return f"not a JSON object but {type(info).__name__}"
+    bad = [cls for cls, spec in info.items() if not isinstance(spec, dict)]
+    if bad:
+        return f"{len(bad)} class(es) not defined by an object, e.g. {str(bad[0])[:60]!r}"
+    return None
+
+
+def usable_classes(info: dict) -> tuple[dict[str, dict], list[str]]:
+    """(the classes of an /object_info whose definition has ComfyUI's shape — its `input`
+    an object of objects (required, optional, hidden), if any — and the names of the
+    others).  The cluster's catalog takes the first definition of a class a peer has, so a
+    malformed one left in would stand for every peer's."""
+    good, bad = {}, []
+    for cls, spec in info.items():
+        inputs = spec.get("input", {}) if isinstance(spec, dict) else None
+        if isinstance(inputs, dict) and all(isinstance(section, dict) for section in inputs.values()):
+            good[cls] = spec
+        else:
+            bad.append(cls)
+    return good, bad
 
 
 def merge_catalogs(infos: list[dict]) -> dict[str, dict]:
     """The peers' node definitions as one: a class several peers have gets the first
     definition, with every combo's values from all of them, so a model or image any
-    peer has is offered (and accepted) once."""
+    peer has is offered (and accepted) once.  A class not defined by an object is left out."""
     merged: dict[str, dict] = {}
     for info in infos:
+        if not isinstance(info, dict):
+            continue
         for cls, spec in info.items():
+            if not isinstance(spec, dict):
+                continue
             if cls not in merged:
                 merged[cls] = spec
-            elif isinstance(spec, dict) and isinstance(merged[cls], dict):
+            else:
                 merged[cls] = _with_combos_of(merged[cls], spec)
     return merged
 
 
+def _hashable(values: list) -> bool:
+    return all(v is None or isinstance(v, (str, int, float, bool)) for v in values)
+
+
 def _with_combos_of(base: dict, other: dict) -> dict:
     out = None
-    for category, section in (base.get("input") or {}).items():
-        theirs = ((other.get("input") or {}).get(category)) if isinstance(other.get("input"), dict) else None
+    ours = base.get("input")
+    if not isinstance(ours, dict) or not isinstance(other.get("input"), dict):
+        return base
+    for category, section in ours.items():
+        theirs = other["input"].get(category)
         if not isinstance(section, dict) or not isinstance(theirs, dict):
             continue
         for name, spec in section.items():
             mine, more = _combo_list(spec), _combo_list(theirs.get(name))
-            if mine is None or more is None or not set(more) - set(mine):
+            if mine is None or more is None or not _hashable(mine) or not _hashable(more) or not set(more) - set(mine):
                 continue
             values = mine + [v for v in more if v not in set(mine)]
             if out is None:
@@ -115,8 +166,8 @@ def _combo(spec) -> frozenset[str] | None:
         return None
     if isinstance(spec[0], list):
         return frozenset(str(v) for v in spec[0])
-    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict):
-        return frozenset(str(v) for v in spec[1].get("options") or [])
+    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict) and isinstance(spec[1].get("options"), list):
+        return frozenset(str(v) for v in spec[1]["options"])
     return None
 
 
@@ -124,13 +175,15 @@ class Capabilities:
     """A peer's node types and model lists, from its /object_info."""
 
     def __init__(self, object_info: dict) -> None:
+        object_info = object_info if isinstance(object_info, dict) else {}
         self.classes = frozenset(object_info)
         self.combos: dict[tuple[str, str], frozenset[str]] = {}
         for cls, info in object_info.items():
-            for section in ((info or {}).get("input") or {}).values():
+            sections = info.get("input") if isinstance(info, dict) else None
+            for section in (sections.values() if isinstance(sections, dict) else ()):
                 if isinstance(section, dict):
                     for name, spec in section.items():
-                        values = _combo(spec) if name.endswith("_name") else None
+                        values = _combo(spec) if isinstance(name, str) and name.endswith("_name") else None
                         if values is not None:
                             self.combos[(cls, name)] = values
 

@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ServerConfig:
-    host: str = "0.0.0.0"
+    # Loopback, as ComfyUI: listening beyond it needs a token (or auth.allow_open).
+    host: str = "127.0.0.1"
     port: int = 8100
     debug: bool = False
     # Standalone: the peer that answers ComfyUI routes the balancer does not own (users,
@@ -37,6 +38,9 @@ class ServerConfig:
     # (execution stays parallel); false: every message as it comes.  A client can opt in
     # to that itself with the feature flag `comfylb_interleave`.
     ordered_delivery: bool = True
+    # Origins ("https://ui.example.org") besides the balancer's own whose pages may change
+    # state (POST, DELETE, /ws …); any other Origin gets 403.  Scripts send none and pass.
+    allowed_origins: list = field(default_factory=list)
 
 
 @dataclass
@@ -106,12 +110,15 @@ class StorageConfig:
 @dataclass
 class AuthConfig:
     # Bearer token required on /lb/* ("" = none; the COMFYLB_TOKEN environment variable
-    # is used when this is empty).
+    # is used when this is empty).  Without it, api_token guards /lb/* too.
     token: str = ""
     # Standalone only: a token for ComfyUI's client API and /ws too, for a balancer exposed
     # beyond localhost (header "Authorization: Bearer <t>" or "?token=<t>").  "" = open;
     # COMFYLB_API_TOKEN is used when this is empty.
     api_token: str = ""
+    # Listen beyond loopback with no token at all, on purpose (else the standalone balancer
+    # refuses to start, and the extension answers /lb/* to this machine only).
+    allow_open: bool = False
 
 
 @dataclass
@@ -186,6 +193,15 @@ def check_port(path: str, port: int) -> int:
     return port
 
 
+def check_origin(path: str, origin: str) -> str:
+    """A browser origin, as a browser sends it in `Origin`: scheme://host[:port], lowercase."""
+    origin = origin.strip().lower().rstrip("/")
+    scheme, sep, netloc = origin.partition("://")
+    if scheme not in ("http", "https") or not sep or not netloc or "/" in netloc or "?" in netloc or "#" in netloc:
+        raise ConfigError(path, f"expected an origin like https://ui.example.org, got {origin!r}")
+    return origin
+
+
 def parse_backend(raw: Any, path: str = "backend") -> BackendConfig:
     """A peer definition, from the config file or from `POST /lb/backends`."""
     if isinstance(raw, dict) and "name" in raw and not isinstance(raw["name"], str):
@@ -254,6 +270,8 @@ def _parse(raw: Any, source: str | None) -> Config:
         source=source,
     )
     check_port("server.port", cfg.server.port)
+    cfg.server.allowed_origins = [check_origin(f"server.allowed_origins[{i}]", o)
+                                  for i, o in enumerate(cfg.server.allowed_origins)]
     if cfg.scheduler.order not in ORDERS:
         raise ConfigError("scheduler.order", f"unknown order {cfg.scheduler.order!r} (one of {', '.join(ORDERS)})")
     if cfg.scheduler.strategy not in STRATEGIES:

@@ -17,6 +17,7 @@ RUNS_KEPT = 64     # per workflow
 KEYS_KEPT = 256    # workflows remembered
 MAX_FEATURES = 6   # varying numbers fitted at most (the first ones, in graph order)
 RIDGE = 1e-6       # keeps the fit solvable with fewer runs than features
+FEATURE_MAX = 1e12  # larger numbers (and NaN) are not amounts of work: part of the key, not features
 
 
 class Shape(NamedTuple):
@@ -41,7 +42,7 @@ def shape(prompt: dict) -> Shape:
             value = inputs[name]
             if _is_seed(name):
                 continue
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and -FEATURE_MAX < value < FEATURE_MAX:
                 entry.append(name)
                 features.append(float(value))
             else:

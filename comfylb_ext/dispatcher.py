@@ -28,7 +28,7 @@ from .jobs import is_canonical_uuid
 from .metrics import Metrics
 from .polls import Polls
 from .recovery import TERMINAL_EVENTS, Recovery, _now_ms, _outcome
-from .peer import Peer, PeerError
+from .peer import SMALL_BODY, Peer, PeerError, clean_system_stats
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Hub, Relay, parse_preview, without_asset_ids
 from .scheduler import SchedulerState, longest_first, pick
 from .store import Snapshot, Store, StoreError
@@ -196,7 +196,7 @@ class Cluster(Recovery):
 
     def _push(self) -> None:
         self._push_at = None
-        self.spawn(self.hub.send_json(STATUS_EVENT, self.snapshot()))
+        self.spawn(self.hub.send_watchers(STATUS_EVENT, self.snapshot()))  # not every socket: see Hub.watch
 
     def snapshot(self) -> dict:
         """Everything the panel shows, in one message."""
@@ -292,10 +292,10 @@ class Cluster(Recovery):
     # -- health --------------------------------------------------------------------
     async def check_peer(self, peer: Peer) -> None:
         try:
-            stats = await peer.get_json("/system_stats", timeout=self.cfg.health_check.timeout)
+            stats = await peer.get_json("/system_stats", timeout=self.cfg.health_check.timeout, max_size=SMALL_BODY)
             ok, error = isinstance(stats, dict), None
             if ok:
-                peer.system_stats = stats
+                peer.system_stats = clean_system_stats(stats)
         except PeerError as e:
             ok, error = False, str(e)
         peer.checks += 1
@@ -633,11 +633,16 @@ class Cluster(Recovery):
         except PeerError as e:
             log.warning("peer %s: no /object_info: %s", peer.name, e)
             return
-        if not isinstance(info, dict):
-            log.warning("peer %s: /object_info is not a JSON object; ignored", peer.name)
+        problem = capability.object_info_problem(info)
+        if problem is not None:  # its broken catalog must not break the cluster's
+            log.warning("peer %s: /object_info ignored: %s", peer.name, problem)
             return
+        info, malformed = capability.usable_classes(info)
+        if malformed:
+            log.warning("peer %s: %d node definition(s) in /object_info ignored as malformed: %s", peer.name,
+                        len(malformed), ", ".join(map(str, malformed[:5])))
         try:  # ComfyUI before node replacements answers 404: it replaces nothing
-            swaps = replacements.parse(await peer.get_json("/node_replacements", timeout=10))
+            swaps = replacements.parse(await peer.get_json("/node_replacements", timeout=10, max_size=SMALL_BODY))
         except PeerError:
             swaps = {}
         if info != peer.object_info or swaps != peer.replacements:
@@ -753,11 +758,15 @@ class Cluster(Recovery):
         if not isinstance(entry, dict):
             entry = {"outputs": {}, "meta": {}, "status": None}
         entry = dict(entry)
-        outputs = (entry.get("prompt") or [None] * 5)[4] if len(entry.get("prompt") or []) > 4 else task.outputs
+        # whatever the peer's entry holds, ours has ComfyUI's shape (a peer's odd answer
+        # must not leave the prompt unfinished)
+        theirs = entry.get("prompt")
+        outputs = theirs[4] if isinstance(theirs, list) and len(theirs) > 4 else None
         item = task.queue_item()
-        item[4] = list(outputs or task.outputs)
+        item[4] = list(outputs) if isinstance(outputs, list) and outputs else list(task.outputs)
         entry["prompt"] = item
-        if not entry.get("status"):
+        status = entry.get("status")
+        if not isinstance(status, dict) or not isinstance(status.get("messages", []), list) or not status:
             ok = any(m[0] == "execution_success" for m in task.messages)
             entry["status"] = {"status_str": "success" if ok else "error", "completed": ok,
                                "messages": copy.deepcopy(task.messages)}
@@ -768,7 +777,8 @@ class Cluster(Recovery):
             if isinstance(node_outputs, dict):
                 self.outputs.record(peer, node_outputs)
         ok = entry["status"].get("status_str") == "success"
-        interrupted = any(m[0] == "execution_interrupted" for m in entry["status"].get("messages") or [])
+        interrupted = any(isinstance(m, list) and m and m[0] == "execution_interrupted"
+                          for m in entry["status"].get("messages") or [])
         task.state = DONE if ok else CANCELLED if interrupted else FAILED
         task.finished_at = time.time()
         _outcome(task, task.state)
@@ -777,6 +787,7 @@ class Cluster(Recovery):
         self.tasks.pop(task.prompt_id, None)
         task.drop_secrets()
         self.db.update_task(task)
+        task.let_go(keep_prompt=task in self.polls.lingering())  # the history entry holds its prompt
         self.counts["completed" if ok else "cancelled" if interrupted else "failed"] += 1
         self.changed()
         await self._retire_if_idle(peer)

@@ -7,6 +7,7 @@ parallel peers the number must grow with completion, not with submission (api.md
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import OrderedDict
 from typing import Iterator
 
@@ -71,6 +72,19 @@ class History:
                 if max_items is not None and len(out) >= max_items:
                     break
         return copy.deepcopy(out)
+
+    def peek(self, prompt_id: str) -> dict | None:
+        """An entry, not copied: the caller must not change it (entries never change once
+        added, so it may be encoded in another thread)."""
+        return self._entries.get(prompt_id)
+
+    def page(self, max_items: int | None = None, offset: int = -1) -> dict:
+        """items(), not copied (see peek): a large history is encoded off the event loop."""
+        if offset < 0 and max_items is not None:
+            offset = len(self._entries) - max_items
+        start = max(offset, 0)
+        stop = None if max_items is None else start + max(max_items, 1)  # as ComfyUI: never fewer than one
+        return dict(itertools.islice(self._entries.items(), start, stop))
 
     def delete(self, prompt_id: str) -> None:
         self._entries.pop(prompt_id, None)

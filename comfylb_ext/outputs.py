@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from .access import relayed_file_headers
 from .peer import Peer, PeerError
 from .store import Store
 
@@ -208,8 +209,33 @@ HOP_HEADERS = ("Content-Type", "Content-Disposition", "Content-Length", "Cache-C
 
 
 def relay_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
-    """The headers of a peer's /view answer worth passing on."""
-    return {h: upstream.headers[h] for h in HOP_HEADERS if h in upstream.headers}
+    """The headers of a peer's answer worth passing on, with its type and disposition made
+    safe here whatever the peer said: a file that could run script (SVG, HTML, …) is an
+    attachment, never a page of this origin."""
+    headers = {h: upstream.headers[h] for h in HOP_HEADERS if h in upstream.headers}
+    name = upstream.url.query.get("filename") or upstream.url.path.rsplit("/", 1)[-1]
+    return headers | relayed_file_headers(upstream.headers, name)
+
+
+def _parts(path: str) -> list[str]:
+    return path.replace("\\", "/").split("/")
+
+
+def claimable(peer: str, key: tuple[str, str, str], holder: str | None = None) -> bool:
+    """Whether a peer's report of a file (type, subfolder, filename) may say the file is
+    there: an output only inside its own folder (routing.per_peer_outputs puts them there),
+    so no prompt makes a peer answer for another peer's file; a temp file (previews) only
+    if no other peer holds that name already (`holder`); an input never: the user's
+    uploads are the coordinator's, whatever a peer says."""
+    typ, subfolder, filename = key
+    if not filename or filename in (".", "..") or any(c in filename for c in "/\\\x00"):
+        return False
+    if typ == "output":
+        parts = _parts(subfolder)
+        return parts[0] == peer and not any(p.strip(". ") == "" or "\x00" in p for p in parts[1:])
+    if typ == "temp":
+        return holder in (None, peer) and not any(p in (".", "..") or "\x00" in p for p in _parts(subfolder))
+    return False
 
 
 class Outputs:
@@ -224,7 +250,7 @@ class Outputs:
         self.spawn = spawn
         self.holders: dict[tuple[str, str, str], str] = {}  # (type, subfolder, filename) → peer name
         self.own: str | None = None  # the peer that is this machine's ComfyUI: its files are here already
-        self.holders.update(db.load_files())
+        self.holders.update((key, peer) for key, peer in db.load_files().items() if claimable(peer, key))
 
     def holder(self, typ: str, subfolder: str, filename: str) -> str | None:
         return self.holders.get((typ, subfolder, filename))
@@ -240,6 +266,10 @@ class Outputs:
             for item in items:
                 if isinstance(item, dict) and isinstance(item.get("filename"), str):
                     key = (item.get("type") or "output", item.get("subfolder") or "", item["filename"])
+                    if not (isinstance(key[0], str) and isinstance(key[1], str)
+                            and claimable(peer.name, key, self.holders.get(key))):
+                        log.warning("peer %s reported %r, which is not its to claim; ignored", peer.name, key)
+                        continue
                     if fresh:
                         self.copies.forget(key[1], key[2])
                     elif key[0] == "output" and self.prefetch and peer.name != self.own:

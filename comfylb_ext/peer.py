@@ -7,15 +7,17 @@ the dispatcher relays them to the client that submitted the prompt.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import aiohttp
+from yarl import URL
 
+from . import jsonsafe
 from .capability import Capabilities, Requirements
 from .config import BackendConfig, peer_headers
 from .health import HealthState
@@ -28,6 +30,34 @@ log = logging.getLogger(__name__)
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 JOB_TIME_WEIGHT = 0.3  # of the newest job in the moving average
+# What a peer may send, at most.  A websocket message: previews and SaveImageWebsocket's
+# images are the largest (a 4K PNG is ~25 MB); larger closes the link.  An HTTP answer read
+# whole: /object_info with many custom nodes is ~20 MB, a /history entry holds a prompt
+# (at most jsonsafe.MAX_PROMPT_BYTES); /system_stats and the like are far smaller.
+WS_MAX_MESSAGE = 64 << 20
+MAX_BODY = jsonsafe.PEER_MAX_BYTES
+SMALL_BODY = 1 << 20  # /system_stats, /node_replacements, /models …
+# Seconds between pings on the link when nothing arrives; a peer that does not answer one
+# within half of this (it stopped reading, or hangs) has lost its link.
+HEARTBEAT = 10.0
+
+
+def checked_path(path: str) -> str:
+    """A path (and query) to send to a peer, refused (PeerError) unless it names exactly
+    the route it spells: no scheme or host, no control characters, and no `.` or `..`
+    segment in any spelling (`%2e%2e`, or inside an encoded slash `..%2F`, which a proxy
+    in front of the peer may decode) that the URL library or the peer would resolve into
+    another route.  A `#` is sent encoded: it cannot end a request's target."""
+    path = path.replace("#", "%23")
+    route, _, _ = path.partition("?")
+    if not route.startswith("/") or route.startswith("//"):
+        raise PeerError(f"refusing to send {path[:80]!r} to a peer: not a plain path")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        raise PeerError(f"refusing to send {path[:80]!r} to a peer: control characters")
+    for segment in route.split("/"):
+        if "." in unquote(segment) and {".", ".."} & set(unquote(segment).replace("\\", "/").split("/")):
+            raise PeerError(f"refusing to send {path[:80]!r} to a peer: '.' or '..' in the path")
+    return path
 
 
 class PeerListener(Protocol):
@@ -82,6 +112,7 @@ class Peer:
         self.delivered: dict[tuple[str, str, str], str] = {}
         # Prompts taken back from this peer while it was away; dropped from its queue when it returns.
         self.abandoned: set[str] = set()
+        self.jobs_api = True  # until it answers /api/jobs with a 404 (ComfyUI before the jobs API)
         self._ws_task: asyncio.Task | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
 
@@ -152,28 +183,34 @@ class Peer:
         delay = BACKOFF_MIN
         ws_url = self.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
         while True:
+            linked_at = None
             try:
-                async with self.session.ws_connect(ws_url, heartbeat=10.0, max_msg_size=0, headers=self.headers,
+                async with self.session.ws_connect(ws_url, heartbeat=HEARTBEAT, max_msg_size=WS_MAX_MESSAGE,
+                                                   headers=self.headers,
                                                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
                     self._ws = ws
                     await ws.send_json(FEATURE_FLAGS)
                     self.linked, self.link_error = True, None
-                    delay = BACKOFF_MIN
+                    linked_at = time.monotonic()
                     log.info("peer %s: linked (%s)", self.name, self.url)
                     await self.listener.on_link_up(self)
                     async for msg in ws:
                         if msg.type == aiohttp.WSMsgType.TEXT:
                             try:
-                                data = json.loads(msg.data)
-                            except ValueError:
+                                data = await _parse(msg.data)
+                            except ValueError as e:
+                                log.warning("peer %s: message ignored: %s", self.name, e)
                                 continue
-                            if isinstance(data, dict):
+                            if _well_formed(data):
                                 await self.listener.on_message(self, data)
                         elif msg.type == aiohttp.WSMsgType.BINARY:
-                            await self.listener.on_binary(self, msg.data)
+                            if _well_formed_binary(msg.data):
+                                await self.listener.on_binary(self, msg.data)
                         elif msg.type == aiohttp.WSMsgType.ERROR:
                             break
-                    reason = f"websocket closed ({ws.close_code})"
+                    # a message over WS_MAX_MESSAGE, a ping not answered, …
+                    error = ws.exception()
+                    reason = f"websocket closed ({ws.close_code})" + (f": {error}" if error else "")
             except asyncio.CancelledError:
                 await self._link_lost("coordinator stopping")
                 raise
@@ -185,6 +222,9 @@ class Peer:
             finally:
                 self._ws = None
             await self._link_lost(reason)
+            if linked_at is not None and time.monotonic() - linked_at >= BACKOFF_MAX:
+                delay = BACKOFF_MIN  # it was up a while: back as soon as it is (a peer that drops
+                # its link at once, each time, is asked again less and less often)
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, BACKOFF_MAX)
 
@@ -196,29 +236,52 @@ class Peer:
             await self.listener.on_link_down(self, reason)
 
     # -- HTTP --------------------------------------------------------------------
-    async def request(self, method: str, path: str, *, timeout: float | None = None, **kw) -> tuple[int, Any]:
-        """One HTTP call; returns (status, parsed JSON or text).  PeerError when unreachable."""
+    def _url(self, path: str) -> URL:
+        return URL(self.url + checked_path(path))
+
+    async def request(self, method: str, path: str, *, timeout: float | None = None, max_size: int = MAX_BODY,
+                      headers: dict[str, str] | None = None, **kw) -> tuple[int, Any]:
+        """One HTTP call; returns (status, parsed JSON or text).  PeerError when unreachable,
+        or when it answers more than `max_size` bytes, or JSON nested too deep, holding too
+        many values or NaN (jsonsafe's peer limits)."""
         t = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
         try:
-            async with self.session.request(method, self.url + path, timeout=t, headers=self.headers, **kw) as r:
-                body = await r.read()
+            async with self.session.request(method, self._url(path), timeout=t,
+                                            headers={**(headers or {}), **self.headers}, **kw) as r:
+                body = await _read(r, max_size)
                 if "json" in (r.content_type or ""):
                     try:
-                        return r.status, json.loads(body)
-                    except ValueError:
-                        pass
+                        return r.status, await _parse(body)
+                    except ValueError as e:
+                        log.warning("peer %s: %s %s: unusable JSON: %s", self.name, method, path, e)
                 return r.status, body.decode("utf-8", "replace")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise PeerError(f"{method} {path}: {e.__class__.__name__}: {e}".rstrip(": ")) from e
 
-    async def get_json(self, path: str, timeout: float | None = None) -> Any:
-        status, body = await self.request("GET", path, timeout=timeout)
+    async def get_json(self, path: str, timeout: float | None = None, max_size: int = MAX_BODY) -> Any:
+        status, body = await self.request("GET", path, timeout=timeout, max_size=max_size)
         if status != 200 or isinstance(body, str):
-            raise PeerError(f"GET {path}: HTTP {status}")
+            raise PeerError(f"GET {path}: HTTP {status}" + (": not usable JSON" if status == 200 else ""))
         return body
 
     async def post_json(self, path: str, data: Any, timeout: float | None = None) -> tuple[int, Any]:
-        return await self.request("POST", path, json=data, timeout=timeout)
+        def encode() -> bytes:
+            return jsonsafe.dumps(data).encode()
+        # a prompt can be large: encoded off the event loop
+        body = await asyncio.to_thread(encode) if isinstance(data, dict) and "prompt" in data else encode()
+        return await self.request("POST", path, data=body, timeout=timeout,
+                                  headers={"Content-Type": "application/json"})
+
+    async def get_bytes(self, path: str, max_size: int = MAX_BODY, timeout: float | None = None) -> bytes:
+        """A file from the peer (at most `max_size` bytes); PeerError unless it answers 200."""
+        t = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
+        try:
+            async with self.session.get(self._url(path), timeout=t, headers=self.headers) as r:
+                if r.status != 200:
+                    raise PeerError(f"GET {path}: HTTP {r.status}")
+                return bytes(await _read(r, max_size))
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise PeerError(f"GET {path}: {e.__class__.__name__}: {e}".rstrip(": ")) from e
 
     async def deliver(self, f: StoredFile, path: Path) -> None:
         """Make sure an input the coordinator holds is on this peer, byte for byte."""
@@ -239,7 +302,7 @@ class Peer:
                           **kw) -> aiohttp.ClientResponse:
         """A response to stream through (caller releases it)."""
         try:
-            return await self.session.request(method, self.url + path, headers={**(headers or {}), **self.headers},
+            return await self.session.request(method, self._url(path), headers={**(headers or {}), **self.headers},
                                               timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout,
                                                                             sock_read=self.request_timeout), **kw)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
@@ -257,9 +320,27 @@ class Peer:
         return self.health.state
 
     async def held(self) -> tuple[set[str], set[str]]:
-        """(running, pending) prompt ids in the peer's own queue.  PeerError if unreachable."""
-        q = await self.get_json("/queue")
-        ids = {key: {item[1] for item in q.get(key, []) if isinstance(item, list) and len(item) > 1}
+        """(running, pending) prompt ids in the peer's own queue.  PeerError if unreachable.
+
+        Asked of today's jobs API, whose list holds no prompts; a ComfyUI without it
+        (404) is asked for its /queue, which holds every prompt it queues."""
+        if self.jobs_api:
+            status, body = await self.request("GET", "/api/jobs?status=in_progress,pending")
+            jobs = body.get("jobs") if status == 200 and isinstance(body, dict) else None
+            if isinstance(jobs, list):
+                ids: dict[str, set[str]] = {"in_progress": set(), "pending": set()}
+                for job in jobs:
+                    if isinstance(job, dict) and isinstance(job.get("id"), str) and job.get("status") in ids:
+                        ids[job["status"]].add(job["id"])
+                return ids["in_progress"], ids["pending"]
+            if status not in (200, 404, 405):  # 200 without a job list: not the jobs API either
+                raise PeerError(f"GET /api/jobs: HTTP {status}")
+            self.jobs_api = False
+        q = await self.get_json("/queue", max_size=4 * MAX_BODY)
+        if not isinstance(q, dict):
+            raise PeerError("GET /queue: not a JSON object")
+        ids = {key: {item[1] for item in (q.get(key) if isinstance(q.get(key), list) else [])
+                     if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str)}
                for key in ("queue_running", "queue_pending")}
         return ids["queue_running"], ids["queue_pending"]
 
@@ -271,7 +352,7 @@ class Peer:
         return (running | pending) & set(prompt_ids)
 
     def describe(self) -> dict:
-        return {"status": self.status,
+        return jsonsafe.finite({"status": self.status,
             "name": self.name, "url": self.url, "host": self.cfg.host, "port": self.cfg.port,
             "weight": self.cfg.weight, "max_queue": self.cfg.max_queue, "enabled": self.enabled, "tags": self.cfg.tags,
             "scheme": self.cfg.scheme, "removed": self.removed, "linked": self.linked, "available": self.available,
@@ -282,4 +363,63 @@ class Peer:
             "recent_job_time": self.job_time, "models": sorted(self.models),
             "devices": (self.system_stats or {}).get("devices", []),
             "at": time.time(),
-        }
+        })  # never NaN, whatever came in (the panel's JSON.parse refuses it)
+
+
+def clean_system_stats(stats: dict) -> dict:
+    """A peer's /system_stats as the cluster shows it: `system` an object, `devices` a
+    list of objects; anything else in its place counts as none, so one peer's odd answer
+    cannot break GET /system_stats or the panel for everyone."""
+    system, devices = stats.get("system"), stats.get("devices")
+    if not (isinstance(devices, list) and all(isinstance(d, dict) for d in devices)):
+        devices = []
+    return {**stats, "system": system if isinstance(system, dict) else {}, "devices": devices}
+
+
+def _well_formed(message: Any) -> bool:
+    """A peer's event as ComfyUI sends one: {"type": str, "data": ...}, where a prompt_id,
+    if any, is a string (an odd one must not break the link it came on)."""
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return False
+    data = message.get("data")
+    return not isinstance(data, dict) or isinstance(data.get("prompt_id"), (str, type(None)))
+
+
+PREVIEW_WITH_METADATA = 4
+
+
+def _well_formed_binary(frame: bytes) -> bool:
+    """A binary event: a 4-byte type; a preview with metadata (type 4) carries a 4-byte
+    length and that much JSON (bounded, its prompt_id a string) before the image."""
+    if len(frame) < 4:
+        return False
+    if int.from_bytes(frame[:4], "big") != PREVIEW_WITH_METADATA:
+        return True
+    if len(frame) < 8:
+        return False
+    size = int.from_bytes(frame[4:8], "big")
+    try:
+        meta = jsonsafe.peer_loads(frame[8:8 + size])
+    except ValueError:
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("prompt_id"), (str, type(None)))
+
+
+async def _read(r: aiohttp.ClientResponse, limit: int) -> bytearray:
+    """A peer's answer, refused (PeerError) as soon as it is known to exceed `limit` bytes."""
+    if r.content_length is not None and r.content_length > limit:
+        raise PeerError(f"{r.method} {r.url.path}: answer of {r.content_length:,} bytes (at most {limit:,})")
+    body = bytearray()
+    async for chunk in r.content.iter_chunked(1 << 20):
+        body += chunk
+        if len(body) > limit:
+            raise PeerError(f"{r.method} {r.url.path}: answer larger than {limit:,} bytes")
+    return body
+
+
+async def _parse(raw: bytes | bytearray | str) -> Any:
+    """JSON from a peer, within jsonsafe's peer limits (ValueError otherwise); a large
+    one is parsed off the event loop."""
+    if len(raw) > jsonsafe.THREAD_ABOVE:
+        return await asyncio.to_thread(jsonsafe.peer_loads, raw)
+    return jsonsafe.peer_loads(raw)

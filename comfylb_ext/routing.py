@@ -6,6 +6,8 @@ may run on.
 """
 from __future__ import annotations
 
+import re
+
 ROUTE_CLASS = "ComfyLBRoute"
 
 
@@ -62,16 +64,30 @@ def unroutable(rules: dict[str, frozenset[str]], peers: dict[str, list[str]]) ->
     return error, node_errors
 
 
+def confined_prefix(prefix: str, peer: str) -> str:
+    """A `filename_prefix` inside the peer's own folder: "x" → "peer/x".  Every way out
+    is dropped, as ComfyUI would resolve it on any system: `..` and `.` components, a
+    leading `/` (absolute), backslashes (separators on Windows), so "../other-peer/victim",
+    "/abs/x" and "a\\..\\..\\b" become "peer/other-peer/victim", "peer/abs/x" and "peer/a/b".
+    (ComfyUI does not percent-decode it: "%2e%2e" is a plain name.)"""
+    parts = [p for p in re.split(r"[/\\]+", prefix) if p.strip(". ")]  # Windows reads "... " as ".."
+    if len(parts) > 1 and parts[0] == peer:
+        parts = parts[1:]  # already its own (a prompt sent to the same peer again)
+    return "/".join([peer, *(parts or ["ComfyUI"])])
+
+
 def per_peer_outputs(prompt: dict, peer: str) -> dict:
     """Save nodes write into a subfolder named after the peer (`filename_prefix` "x" →
     "peer/x"): every peer numbers its files from 1, so without this two peers produce the
-    same file name and /view could not tell them apart."""
+    same file name and /view could not tell them apart; and no prompt can make a peer
+    write into another peer's folder (confined_prefix).  A prefix that comes through a
+    link is only known to the peer: what it reports is checked instead (outputs.claimable)."""
     out = None
     for nid, node in prompt.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
         prefix = inputs.get("filename_prefix") if isinstance(inputs, dict) else None
-        if isinstance(prefix, str) and not prefix.startswith(f"{peer}/"):
+        if isinstance(prefix, str) and confined_prefix(prefix, peer) != prefix:
             if out is None:
                 out = dict(prompt)
-            out[nid] = {**node, "inputs": {**inputs, "filename_prefix": f"{peer}/{prefix}"}}
+            out[nid] = {**node, "inputs": {**inputs, "filename_prefix": confined_prefix(prefix, peer)}}
     return out if out is not None else prompt

@@ -16,6 +16,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import struct
 import tempfile
 import time
@@ -62,6 +63,18 @@ def history_page(history: dict, max_items: int | None, offset: int) -> dict:
             if max_items is not None and len(out) >= max_items:
                 break
     return out
+
+
+def save_path(prefix: str, output_dir: Path) -> tuple[str, str]:
+    """(subfolder, file name prefix) as ComfyUI's folder_paths.get_save_image_path makes
+    them, refusing, as it does, a prefix that leads outside the output folder."""
+    norm = os.path.normpath(prefix)
+    subfolder, filename = os.path.dirname(norm), os.path.basename(norm)
+    base = os.path.abspath(output_dir)
+    if os.path.commonpath((base, os.path.abspath(os.path.join(base, subfolder)))) != base:
+        raise Exception("**** ERROR: Saving image outside the output folder is not allowed."
+                        f"\n full_output_folder: {os.path.join(base, subfolder)}\n         output_dir: {base}")
+    return subfolder, filename
 
 
 def png(width: int, height: int, rgb: int) -> bytes:
@@ -278,6 +291,14 @@ class SimPeer:
                                                     "timestamp": ts()}, broadcast=True)
                 status_str = "error"
                 break
+            except Exception as ex:  # as ComfyUI's execution_error (execution.py handle_execution_error)
+                await add("execution_error", {"prompt_id": pid, "node_id": nid, "node_type": node["class_type"],
+                                              "executed": [n for n in order if n in ui or n in cached],
+                                              "exception_message": str(ex), "exception_type": type(ex).__name__,
+                                              "traceback": [], "current_inputs": {}, "current_outputs": {},
+                                              "timestamp": ts()})
+                status_str = "error"
+                break
             self.cache[keys[nid]] = out if out is not None else True
             if out is not None:
                 ui[nid] = out
@@ -328,7 +349,7 @@ class SimPeer:
         elif cls in ("SaveImage", "PreviewImage"):
             typ = "output" if cls == "SaveImage" else "temp"
             prefix = str(inputs.get("filename_prefix", "ComfyUI")) if typ == "output" else "ComfyUI_temp_sim"
-            sub, _, base = prefix.rpartition("/")
+            sub, base = save_path(prefix, self.root / typ)
             folder = self.root / typ / sub
             folder.mkdir(parents=True, exist_ok=True)
             n = 1 + max([int(p.stem.split("_")[-2]) for p in folder.glob(f"{base}_*_.png")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import heapq
-import json
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from . import jsonsafe
 from .cost import Shape, shape
 
 # Task states, in the order a task normally moves through them.
@@ -15,6 +16,7 @@ QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED = (
     "queued", "dispatched", "running", "done", "failed", "cancelled")
 TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 
+ITEM_JSON_KEPT = 1 << 20  # characters: a queue item's JSON kept for GET /queue up to this size
 # extra_data keys that carry Comfy.org credentials: forwarded to the executing peer, never shown.
 SENSITIVE_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
@@ -23,7 +25,7 @@ SENSITIVE_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 class Task:
     prompt_id: str
     number: float
-    prompt: dict
+    prompt: dict | None  # None once it has ended (let_go)
     extra_data: dict
     outputs: list[str]
     client_id: str | None = None
@@ -56,7 +58,7 @@ class Task:
     def shape(self) -> Shape:
         """Its workflow and numbers, for the cost model (made once)."""
         if self._shape is None:
-            self._shape = shape(self.prompt)
+            self._shape = shape(self.prompt if self.prompt is not None else {})
         return self._shape
 
     def tell_verdict(self, status: int | None, body: Any) -> bool:
@@ -96,11 +98,30 @@ class Task:
         """ComfyUI's queue tuple: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
         return [self.number, self.prompt_id, self.prompt, self.public_extra_data(), list(self.outputs)]
 
+    @property
+    def item_json_made(self) -> bool:
+        return self._item_json is not None
+
     def queue_item_json(self) -> str:
-        """queue_item() as JSON, made once: none of its parts change after submission."""
-        if self._item_json is None:
-            self._item_json = json.dumps(self.queue_item())
-        return self._item_json
+        """queue_item() as JSON, made once and kept unless it is large (none of its parts
+        change after submission): GET /queue of thousands of prompts answers fast, and a
+        large prompt is not kept twice."""
+        item_json = self._item_json
+        if item_json is None:
+            item_json = jsonsafe.dumps(self.queue_item())
+            if len(item_json) <= ITEM_JSON_KEPT and self.prompt is not None:
+                self._item_json = item_json
+        return item_json
+
+    def let_go(self, keep_prompt: bool = False) -> None:
+        """It has ended: drop what only a live task needs, so the thousands of finished
+        tasks kept for /lb/tasks hold no prompts (the history entry has it while it is
+        kept).  `keep_prompt`: GET /queue still lists it for a while (polls.py)."""
+        self._item_json = None
+        self.req = None
+        self.verdict = None
+        if not keep_prompt:
+            self.prompt = None
 
 
 class TaskQueue:
@@ -170,8 +191,16 @@ class Numbering:
         self.next = start
 
     def assign(self, number: Any = None, front: Any = False) -> float | int:
+        """ValueError for a number that is not one: NaN, an infinity, 1e999, "inf" or an
+        integer too large for a float (ComfyUI takes those; its JSON answers then break)."""
         if number is not None:
-            return float(number)
+            try:
+                value = float(number)
+            except OverflowError:
+                raise ValueError(f"number out of range: {number!r:.40}") from None
+            if not math.isfinite(value):
+                raise ValueError(f"number must be finite, got {number!r:.40}")
+            return value
         n = self.next
         self.next += 1
         return -n if front else n

@@ -7,6 +7,7 @@ INT/FLOAT/STRING/BOOLEAN, min/max, combo lists, upload file names).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Generator
 
 Error = dict[str, Any]
@@ -144,10 +145,14 @@ def _value_error(name: str, info: InputInfo, raw: Any) -> Error | None:
     val = _unwrap(raw)
     try:
         val = _convert(input_type, val)
+        if isinstance(val, float) and not math.isfinite(val):
+            # ComfyUI takes "nan" and "inf" for a FLOAT; every JSON answer carrying one then
+            # breaks (JSON has no NaN), so ComfyLB refuses them as unconvertible
+            raise ValueError(f"{val} is not a finite number")
     except (TypeError, ValueError, ArithmeticError) as ex:
         return _err("invalid_input_type", f"Failed to convert an input value to a {input_type} value",
-                    f"{name}, {val}, {ex}", {"input_name": name, "input_config": info, "received_value": val,
-                                              "exception_message": str(ex)})
+                    f"{name}, {_unwrap(raw)}, {ex}", {"input_name": name, "input_config": info,
+                                                      "received_value": _unwrap(raw), "exception_message": str(ex)})
     bound = {"input_name": name, "input_config": info, "received_value": val}
     if "min" in extra and val < extra["min"]:
         return _err("value_smaller_than_min", f"Value {val} smaller than min of {extra['min']}", name, bound)

@@ -114,9 +114,17 @@ class Client:
                 await self._any_message.wait_for(cond)
         await asyncio.wait_for(wait(), timeout)
 
+    async def subscribe(self, **kw) -> None:
+        """Ask for the comfylb.status pushes on this socket (they reach no socket unasked)."""
+        status, body = await self.post("/lb/subscribe", {"client_id": self.client_id}, **kw)
+        assert status == 200, (status, body)
+        self.subscribed = True
+
     async def wait_event(self, event: str, pred, timeout: float = 60) -> Any:
         """The first `event` message (not tied to a prompt) whose data satisfies `pred`,
         waiting for it if it has not come yet; earlier ones are consumed."""
+        if event == "comfylb.status" and not getattr(self, "subscribed", False):
+            await self.subscribe()
         async def find():
             async with self._other_seen:
                 while True:

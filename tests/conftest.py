@@ -14,6 +14,7 @@ import yaml
 from tests import procs
 
 N_PEERS = 3
+COORD_TOKEN = "coord-s3cret"  # auth.token of the coord_auth coordinator
 
 
 @pytest.fixture(scope="session")
@@ -75,19 +76,25 @@ def coordinator(comfy_env, workdir, name: str, config: dict | None,
 def coordinators(comfy_env, workdir, peers):
     hc = {"interval": 1.0, "timeout": 2.0}
     started = {
+        # listening beyond loopback without a token: /lb/* answers this machine only
         "coord": coordinator(comfy_env, workdir, "coord", {
             "health_check": hc,
-            "backends": [peer_backend(peers[0], max_queue=1, tags=["gpu24"]), peer_backend(peers[1], max_queue=1)]}),
+            "backends": [peer_backend(peers[0], max_queue=1, tags=["gpu24"]), peer_backend(peers[1], max_queue=1)]},
+            extra_args=["--listen", "0.0.0.0"]),
         "coord_local": coordinator(comfy_env, workdir, "coord_local", {
             "health_check": hc, "local": {"enabled": True, "max_queue": 1},
             "backends": [peer_backend(peers[2], max_queue=1)]}),
         "stock": coordinator(comfy_env, workdir, "stock", None),
+        # /lb/* behind a token: the panel's session cookie, in the browser tests
+        "coord_auth": coordinator(comfy_env, workdir, "coord_auth", {
+            "health_check": hc, "auth": {"token": COORD_TOKEN}, "backends": [peer_backend(peers[2], max_queue=1)]}),
     }
     try:
         with ThreadPoolExecutor(len(started)) as pool:
             list(pool.map(lambda p: p.wait_ready("/system_stats", 180), started.values()))
         procs.wait_backends(started["coord"], {peers[0].name, peers[1].name})
         procs.wait_backends(started["coord_local"], {peers[2].name, "local"})
+        procs.wait_backends(started["coord_auth"], {peers[2].name}, token=COORD_TOKEN)
         yield started
     finally:
         for p in started.values():

@@ -135,12 +135,14 @@ def start_balancer(workdir: Path, name: str, backends: list[dict], **sections) -
     return proc
 
 
-def wait_backends(lb: Proc, names: set[str], timeout: float = 60) -> None:
+def wait_backends(lb: Proc, names: set[str], timeout: float = 60, token: str = "") -> None:
     """Until the balancer reports every named peer available (linked and healthy)."""
     deadline = time.monotonic() + timeout
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(lb.url + "/lb/backends", headers=auth)
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(lb.url + "/lb/backends", timeout=2) as r:
+            with urllib.request.urlopen(request, timeout=2) as r:
                 got = {b["name"] for b in json.load(r)["backends"] if b["available"]}
             if names <= got:
                 return
@@ -156,9 +158,10 @@ def wait_backends(lb: Proc, names: set[str], timeout: float = 60) -> None:
 def running_balancer(workdir: Path, name: str, backends: list[dict], **sections):
     """The standalone balancer, started as a user starts it, once every peer is available."""
     lb = start_balancer(workdir, name, backends, **sections)
+    auth = sections.get("auth", {})
     try:
-        lb.wait_ready("/system_stats", 30)
-        wait_backends(lb, {b["name"] for b in backends})
+        lb.wait_ready("/lb/state", 30)
+        wait_backends(lb, {b["name"] for b in backends}, token=auth.get("token") or auth.get("api_token", ""))
         yield lb
     finally:
         lb.stop()

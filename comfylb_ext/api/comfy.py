@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import mimetypes
 import os
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
+from urllib.parse import quote, urlencode
 
 import aiohttp
 from aiohttp import web
 
-from .. import jobs
+from .. import jobs, jsonsafe
+from ..access import served_file_headers, without_token
 from ..dispatcher import Cluster
-from ..peer import Peer, PeerError
+from ..peer import Peer, PeerError, checked_path
 from ..tasks import RUNNING
 from ..uploads import TYPES, InputStore, UploadError, split_annotation
 from ..validation import _err, error_body
@@ -24,7 +27,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
 ANSWER_WITHIN = 5.0  # seconds a slow or dead peer may hold up an answer about the cluster
-_FORCE_DOWNLOAD = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
+_BODY_MESSAGES = {"size": "Request body too large", "depth": "Request body nested too deeply",
+                  "items": "Request body holds too many values", "number": "Request body holds a number JSON does not allow"}
 
 
 def bad_request(message: str, details: str = "", typ: str = "invalid_request") -> web.Response:
@@ -32,11 +36,9 @@ def bad_request(message: str, details: str = "", typ: str = "invalid_request") -
 
 
 def _file_headers(name: str) -> dict[str, str]:
-    """The headers ComfyUI's /view sends with a raw file."""
-    ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    if ctype in _FORCE_DOWNLOAD:
-        ctype = "application/octet-stream"
-    return {"Content-Disposition": f'filename="{name}"', "Content-Type": ctype}
+    """The headers ComfyUI's /view sends with a raw file, and a file that could run script
+    as a page here (SVG, HTML, XML, …) as an attachment."""
+    return served_file_headers(mimetypes.guess_type(name)[0], name, f'filename="{name}"')
 
 
 def _unreachable(peer: Peer, e: Exception) -> web.Response:
@@ -50,23 +52,122 @@ def param(request: web.Request, name: str) -> str:
     return params[name] if params is not None else request.match_info[name]
 
 
-async def read_json(request: web.Request, *, empty: Any = None) -> Any:
-    """The request's JSON body; `empty` if there is none; ValueError if it is not JSON."""
-    raw = await request.read()
+class BodyError(ValueError):
+    """A request body refused: `status` 413 (too large) or 400 (not acceptable JSON)."""
+
+    def __init__(self, message: str, status: int = 400, reason: str = "syntax") -> None:
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request's body, refused (BodyError 413) past `limit` bytes before more is read."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyError(f"the body is {request.content_length:,} bytes; at most {limit:,} are accepted", 413, "size")
+    cached = getattr(request, "_read_bytes", None)
+    if request.content_length is not None or cached is not None:
+        try:
+            raw = await request.read()  # bounded by the Content-Length checked above
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyError(f"the body is larger than this server accepts ({limit:,} bytes)", 413, "size") from None
+    else:  # chunked: read no more than the limit
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(1 << 20):
+            body += chunk
+            if len(body) > limit:
+                raise BodyError(f"the body is larger than {limit:,} bytes", 413, "size")
+        raw = bytes(body)
+    if len(raw) > limit:
+        raise BodyError(f"the body is larger than {limit:,} bytes", 413, "size")
+    return raw
+
+
+async def read_json(request: web.Request, *, empty: Any = None, max_bytes: int = jsonsafe.MAX_BODY_BYTES) -> Any:
+    """The request's JSON body; `empty` if there is none; BodyError (a ValueError) if it is
+    not JSON, too large, nested too deep, holds too many values or NaN/Infinity: the
+    bounds in jsonsafe (documented there)."""
+    raw = await read_body(request, max_bytes)
     if not raw.strip():
         return empty
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"body is not valid JSON: {e}") from None
+        return await jsonsafe.loads_async(raw)
+    except jsonsafe.JSONError as e:
+        raise BodyError(f"body is not acceptable JSON: {e}", reason=e.reason) from None
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    """A JSON answer that never carries NaN or Infinity (see jsonsafe.dumps)."""
+    return web.json_response(data, status=status, dumps=jsonsafe.dumps)
+
+
+ENCODE_BATCH = 4 << 20  # characters of JSON made per trip to a worker thread
+STREAM_ABOVE = 8 << 20  # a larger JSON answer is streamed as it is made, never whole in memory
+
+
+def _encode_some(makers: Iterator[Callable[[], str]]) -> list[str]:
+    """In a worker thread: texts from `makers` (at least one) until ENCODE_BATCH characters."""
+    out, size = [], 0
+    for make in makers:
+        out.append(make())
+        size += len(out[-1])
+        if size >= ENCODE_BATCH:
+            break
+    return out
+
+
+class _JsonOut:
+    """A JSON answer made piece by piece: an ordinary response while it is small (every
+    host's middleware can still add its headers), streamed once it is large."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.resp: web.StreamResponse | None = None
+
+    async def add(self, text: str) -> None:
+        self.parts.append(text.encode())
+        self.size += len(self.parts[-1])
+        if self.size >= STREAM_ABOVE:
+            if self.resp is None:
+                self.resp = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+                await self.resp.prepare(self.request)
+            body, self.parts, self.size = b"".join(self.parts), [], 0
+            await self.resp.write(body)
+
+    async def finish(self) -> web.StreamResponse:
+        body, self.parts = b"".join(self.parts), []
+        if self.resp is None:
+            return web.Response(body=body, content_type="application/json")
+        await self.resp.write(body)
+        await self.resp.write_eof()
+        return self.resp
+
+
+async def _history_answer(request: web.Request, page: dict) -> web.StreamResponse:
+    """{prompt_id: entry, …}, encoded in worker threads (entries never change once added)."""
+    out = _JsonOut(request)
+    await out.add("{")
+    items = list(page.items())
+    i = 0
+    while i < len(items):
+        batch = await asyncio.to_thread(_encode_some, (
+            (lambda pid=pid, entry=entry: f"{json.dumps(pid)}: {jsonsafe.dumps(entry)}") for pid, entry in items[i:]))
+        await out.add((", " if i else "") + ", ".join(batch))
+        i += len(batch)
+    await out.add("}")
+    return await out.finish()
 
 
 class ComfyApi:
     def __init__(self, cluster: Cluster, store: InputStore, max_upload_size: int = MAX_UPLOAD_SIZE,
-                 own_files: bool = False, on_prompt: Callable[[Any], Any] | None = None) -> None:
+                 own_files: bool = False, on_prompt: Callable[[Any], Any] | None = None,
+                 max_prompt_size: int = jsonsafe.MAX_PROMPT_BYTES) -> None:
         self.cluster = cluster
         self.store = store
         self.max_upload_size = max_upload_size
+        self.max_prompt_size = max_prompt_size  # POST /prompt bodies (jsonsafe's docstring says why)
+        self._catalog_json: tuple[dict, str] | None = None  # GET /object_info, encoded once per catalog
         # In the extension the host (ComfyUI) serves its own files: view() answers None
         # for anything no peer produced, and the host's handler takes over.
         self.own_files = own_files
@@ -106,10 +207,10 @@ class ComfyApi:
     # -- prompts and queue ---------------------------------------------------------------
     async def post_prompt(self, request: web.Request) -> web.Response:
         try:
-            data = await read_json(request)
-        except ValueError as e:
-            return web.json_response(error_body(_err("invalid_prompt", "Invalid JSON in request body", str(e))),
-                                     status=400)
+            data = await read_json(request, max_bytes=self.max_prompt_size)
+        except BodyError as e:
+            return _json(error_body(_err("invalid_prompt", _BODY_MESSAGES.get(e.reason, "Invalid JSON in request body"),
+                                         str(e))), status=e.status)
         if self.on_prompt is not None:
             data = self.on_prompt(data)
         status, body = self.cluster.submit(data)
@@ -118,23 +219,40 @@ class ComfyApi:
             refused = await self.cluster.verdict(task, ANSWER_WITHIN)
             if refused is not None:
                 status, body = refused
-        return web.json_response(body, status=status)
+        return _json(body, status=status)
 
     async def get_prompt(self, request: web.Request) -> web.Response:
         return web.json_response({"exec_info": {"queue_remaining": self.cluster.queue_remaining()}})
 
-    async def get_queue(self, request: web.Request) -> web.Response:
-        # Each task's item is serialised once and kept: a queue of thousands answers fast.
+    async def get_queue(self, request: web.Request) -> web.StreamResponse:
+        # Each task's item is serialised once and kept (unless large): a queue of thousands
+        # answers fast.  The others are serialised off the event loop, a few MB at a time,
+        # and a large answer is streamed: a prompt can be tens of MB.
         running, pending = self.cluster.queue_snapshot(polled=True)
-        body = ('{"queue_running": [' + ", ".join(t.queue_item_json() for t in running) +
-                '], "queue_pending": [' + ", ".join(t.queue_item_json() for t in pending) + "]}")
-        return web.Response(text=body, content_type="application/json")
+        out = _JsonOut(request)
+        for opening, tasks in (('{"queue_running": [', running), ('], "queue_pending": [', pending)):
+            await out.add(opening)
+            i = 0
+            while i < len(tasks):
+                if tasks[i].item_json_made:
+                    batch = []
+                    for t in itertools.islice(tasks, i, None):
+                        if not t.item_json_made:
+                            break
+                        batch.append(t.queue_item_json())
+                else:
+                    batch = await asyncio.to_thread(_encode_some, (t.queue_item_json for t in tasks[i:]))
+                await out.add((", " if i else "") + ", ".join(batch))
+                i += len(batch)
+        await out.add("]}")
+        return await out.finish()
 
     async def _ids_and_clear(self, request: web.Request) -> tuple[bool, list[str]] | web.Response:
         try:
             data = await read_json(request, empty={})
-        except ValueError as e:
-            return bad_request("Invalid JSON in request body", str(e))
+        except BodyError as e:
+            return _json(error_body(_err("invalid_request", _BODY_MESSAGES.get(e.reason, "Invalid JSON in request body"),
+                                         str(e))), status=e.status)
         if not isinstance(data, dict):
             return bad_request("Request body must be a JSON object")
         ids = data.get("delete", [])
@@ -192,8 +310,10 @@ class ComfyApi:
 
     async def cancel_jobs(self, request: web.Request) -> web.Response:
         try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+            body = await jsonsafe.loads_async(await read_body(request, jsonsafe.MAX_BODY_BYTES))
+        except BodyError as e:
+            return web.json_response({"error": str(e)}, status=e.status)
+        except ValueError:
             return web.json_response({"error": "Request body must be valid JSON"}, status=400)
         try:
             ids = jobs.parse_cancel_ids(body)
@@ -212,12 +332,19 @@ class ComfyApi:
             offset = int(q.get("offset", -1))
         except ValueError:
             return bad_request("max_items and offset must be integers")
-        return web.json_response(self.cluster.history.items(max_items, offset))
+        # Entries never change once added: encoded off the event loop, a few MB at a time,
+        # with no copy first (a history of large prompts took seconds of the loop to copy
+        # and encode, and several times its size in memory).
+        return await _history_answer(request, self.cluster.history.page(max_items, offset))
 
-    async def get_history_item(self, request: web.Request) -> web.Response:
+    async def get_history_item(self, request: web.Request) -> web.StreamResponse:
         pid = param(request, "prompt_id")
-        entry = self.cluster.history_item(pid)
-        return web.json_response({pid: entry} if entry is not None else {})
+        entry = self.cluster.history.peek(pid)
+        if entry is None:
+            self.cluster.history_item(pid)  # a miss while the job is live counts as polled
+            return web.json_response({})
+        self.cluster.polls.forget(pid)  # as history_item() does for a hit, without its copy
+        return await _history_answer(request, {pid: entry})
 
     async def post_history(self, request: web.Request) -> web.Response:
         parsed = await self._ids_and_clear(request)
@@ -266,7 +393,7 @@ class ComfyApi:
                     return await self._send_copy(request, copy, upstream)
                 # the copy it would have followed was not to be (too large, not there, …)
         if peer is not None:
-            return await self._relay(request, peer, "/view?" + request.query_string)
+            return await self._relay(request, peer, "/view?" + without_token(request))
         if self.own_files:
             return None
         stored = self.store.lookup(typ, sub, base)
@@ -282,7 +409,7 @@ class ComfyApi:
             await peer.deliver(stored, self.store.path_of(stored))
         except PeerError as e:
             return web.Response(status=502, text=str(e))
-        return await self._relay(request, peer, "/view?" + request.query_string)
+        return await self._relay(request, peer, "/view?" + without_token(request))
 
     async def _send_copy(self, request: web.Request, copy: Copy,
                          upstream: aiohttp.ClientResponse | None) -> web.StreamResponse:
@@ -362,12 +489,15 @@ class ComfyApi:
             return form
         post, image, typ, data = form
         try:
-            ref = json.loads(post.get("original_ref") or "")
+            ref = jsonsafe.loads(str(post.get("original_ref") or ""))
             ref_name, ref_type = split_annotation(str(ref["filename"]))
             ref_type = ref_type or ref.get("type") or "input"
             ref_sub = str(ref.get("subfolder") or "")
         except (ValueError, KeyError, TypeError, AttributeError):
             return bad_request("original_ref must be JSON naming the image: {\"filename\": ...}")
+        if (ref_type not in TYPES or not ref_name or ref_name[0] == "/" or ".." in ref_name or "\x00" in ref_name
+                or os.path.isabs(ref_sub) or ".." in ref_sub.replace("\\", "/").split("/") or "\x00" in ref_sub):
+            return bad_request("original_ref names no image this server can open", repr(ref)[:200])
         holder = self.cluster.producer_of(ref_type, ref_sub, ref_name)
         stored = self.store.lookup(ref_type, ref_sub, ref_name)
         if holder is None and stored is None:
@@ -379,7 +509,9 @@ class ComfyApi:
         try:
             if stored is not None and holder is None:
                 await peer.deliver(stored, self.store.path_of(stored))
-            composited = await _peer_mask(peer, data, image.filename, post.get("original_ref"))
+            # the peer reads the image we checked, not whatever else the client's JSON says
+            original_ref = json.dumps({"filename": ref_name, "subfolder": ref_sub, "type": ref_type})
+            composited = await _peer_mask(peer, data, image.filename, original_ref)
             f = self.store.save(composited, image.filename, sub, typ,
                                 overwrite=post.get("overwrite") in ("true", "1"))
         except PeerError as e:
@@ -398,8 +530,19 @@ class ComfyApi:
         if peer is None:
             return web.Response(status=503, text="no peer to answer this (server.forward_to)")
         headers = {h: request.headers[h] for h in _FORWARD_HEADERS if h in request.headers}
+        # As the client encoded it (an encoded slash in /userdata/{file} stays one), and
+        # only if it names the route it spells: no `..` in any spelling reaches the peer
+        # (yarl, a proxy or the peer would resolve it into another of the peer's routes).
+        rel = request.rel_url
+        query = rel.raw_query_string
+        if "token" in rel.query:  # this balancer's credential is not the peer's business
+            query = urlencode([(k, v) for k, v in rel.query.items() if k != "token"])
         try:
-            upstream = await peer.open_stream(request.method, request.rel_url.path_qs, headers=headers,
+            target = checked_path(rel.raw_path + (f"?{query}" if query else ""))
+        except PeerError as e:
+            return web.Response(status=400, text=str(e))
+        try:
+            upstream = await peer.open_stream(request.method, target, headers=headers,
                                               data=await request.read() if request.can_read_body else None)
         except PeerError as e:
             return _unreachable(peer, e)
@@ -407,7 +550,12 @@ class ComfyApi:
 
     # -- node definitions and peer facts -------------------------------------------------------
     async def object_info(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._catalog())
+        # ~20 MB with many custom nodes: encoded once per catalog, off the event loop
+        catalog = await self._catalog()
+        cached = self._catalog_json
+        if cached is None or cached[0] is not catalog:
+            cached = self._catalog_json = (catalog, await jsonsafe.dumps_async(catalog))
+        return web.Response(text=cached[1], content_type="application/json")
 
     async def object_info_node(self, request: web.Request) -> web.Response:
         cls = param(request, "node_class")
@@ -452,7 +600,7 @@ class ComfyApi:
         known = await self._union("/models")
         if folder not in known:
             return web.Response(status=404)
-        return web.json_response(await self._union(f"/models/{folder}"))
+        return web.json_response(await self._union("/models/" + quote(folder, safe="")))
 
     def feature_flags(self) -> dict:
         """What this server supports, for /features and the websocket's feature_flags
@@ -491,7 +639,7 @@ class ComfyApi:
         if system is None:
             system = next((p.system_stats.get("system") for p in self.cluster.peers.values()
                            if p.system_stats), {})
-        return web.json_response({"system": system, "devices": devices})
+        return _json({"system": system, "devices": devices})
 
 
 # ComfyUI routes the standalone balancer does not own; one peer answers them for all.
@@ -505,23 +653,15 @@ def forwarded(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in FORWARDED)
 
 
-async def _peer_mask(peer: Peer, data: bytes, filename: str, original_ref: Any) -> bytes:
-
+async def _peer_mask(peer: Peer, data: bytes, filename: str, original_ref: str) -> bytes:
     form = aiohttp.FormData()
     form.add_field("image", data, filename=filename)
-    form.add_field("original_ref", str(original_ref))
+    form.add_field("original_ref", original_ref)
     form.add_field("subfolder", "comfylb-masks")
     form.add_field("type", "temp")
     form.add_field("overwrite", "true")
     status, body = await peer.request("POST", "/upload/mask", data=form)
-    if status != 200 or not isinstance(body, dict):
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("name"), str):
         raise PeerError(f"mask refused by {peer.name}: HTTP {status}")
-    params = {"filename": body["name"], "subfolder": body.get("subfolder", ""), "type": body.get("type", "temp")}
-    t = aiohttp.ClientTimeout(total=peer.request_timeout)
-    try:
-        async with peer.session.get(peer.url + "/view", params=params, timeout=t, headers=peer.headers) as r:
-            if r.status != 200:
-                raise PeerError(f"composited mask missing on {peer.name}: HTTP {r.status}")
-            return await r.read()
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-        raise PeerError(str(e)) from e
+    params = {"filename": body["name"], "subfolder": str(body.get("subfolder") or ""), "type": "temp"}
+    return await peer.get_bytes("/view?" + urlencode(params), max_size=MAX_UPLOAD_SIZE)

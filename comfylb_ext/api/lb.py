@@ -1,15 +1,14 @@
 """The `/lb/*` management API: JSON in and out, 4xx errors that say what was wrong."""
 from __future__ import annotations
 
-import hmac
 import json
-import os
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from ..access import Access, cross_site_refusal, matches, session_cookies, session_value
 from ..config import ConfigError, parse_backend
-from ..dispatcher import SCHEDULER_CHOICES, Cluster
+from ..dispatcher import SCHEDULER_CHOICES, STATUS_EVENT, Cluster
 from ..tasks import QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -20,17 +19,32 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-def lb_token(configured: str) -> str:
-    return configured or os.environ.get("COMFYLB_TOKEN", "")
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+async def read_object(request: web.Request, shape: str) -> dict | web.Response:
+    """The request's body as a JSON object, or the 400 that says why not."""
+    try:
+        raw = json.loads(await request.read() or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return error(400, f"body is not valid JSON: {str(e)[:200]}")
+    return raw if isinstance(raw, dict) else error(400, f"expected a JSON object: {shape}")
 
 
 class LbApi:
-    def __init__(self, cluster: Cluster, token: str = "") -> None:
+    def __init__(self, cluster: Cluster, access: Access | None = None) -> None:
         self.cluster = cluster
-        self.token = lb_token(token)
+        self.access = access or Access()
 
     def routes(self) -> list[tuple[str, str, Handler]]:
+        checked = [  # anyone may ask these; the Origin and Content-Type rules still apply
+            ("GET", "/lb/state", self.state),
+            ("POST", "/lb/session", self.login),
+            ("DELETE", "/lb/session", self.logout),
+        ]
         guarded = [
+            ("POST", "/lb/subscribe", self.subscribe),
             ("GET", "/lb/status", self.status),
             ("GET", "/lb/metrics", self.metrics),
             ("GET", "/lb/stats", self.stats),
@@ -48,18 +62,69 @@ class LbApi:
             ("POST", "/lb/scheduler/strategy/{value}", self.scheduler_setter("strategy", "strategies")),
             ("POST", "/lb/scheduler/order/{value}", self.scheduler_setter("order", "orders")),
         ]
-        return [(m, p, self._guard(h)) for m, p, h in guarded]
+        return [(m, p, self._check(h, False)) for m, p, h in checked] + \
+               [(m, p, self._check(h, True)) for m, p, h in guarded]
 
-    def _guard(self, handler: Handler) -> Handler:
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            if self.token:
-                header = request.headers.get("Authorization", "")
-                given = header[7:] if header[:7].lower() == "bearer " else ""
-                if not hmac.compare_digest(given.encode(), self.token.encode()):
-                    return web.json_response({"error": "missing or wrong token: send Authorization: Bearer <token>"},
-                                             status=401, headers={"WWW-Authenticate": 'Bearer realm="comfylb"'})
-            return await handler(request)
-        return guarded
+    def _check(self, handler: Handler, guarded: bool) -> Handler:
+        async def checked(request: web.Request) -> web.StreamResponse:
+            if guarded:
+                refused = self.access.lb_refusal(request)
+            elif not self.access.origin_ok(request):
+                refused = cross_site_refusal(request.path)
+            else:
+                refused = None
+            if refused is None and request.body_exists and not _is_json(request.content_type):
+                # a browser sends a body to another site without asking first only as a form
+                # or text/plain: JSON endpoints take JSON, said so
+                refused = error(415, "send the body as JSON (Content-Type: application/json), "
+                                     f"not {request.content_type}")
+            return refused or await handler(request)
+        return checked
+
+    # -- the panel's session and live state -------------------------------------------------
+    async def state(self, request: web.Request) -> web.Response:
+        """Whether ComfyLB runs here (the extension answers this when not attached, too),
+        whether a token guards /lb/*, and whether this browser's session cookie is good."""
+        return web.json_response({"attached": True, "guarded": bool(self.access.lb_token),
+                                  "session": self.access.has_session(request)})
+
+    async def login(self, request: web.Request) -> web.Response:
+        """POST /lb/session {"token"}: an HttpOnly cookie the /lb guard accepts, so the
+        panel keeps no token where a script could read it."""
+        data = await read_object(request, '{"token": "<the /lb token>"}')
+        if isinstance(data, web.Response):
+            return data
+        token = data.get("token")
+        if not isinstance(token, str) or not token:
+            return error(400, 'expected {"token": "<the /lb token>"}')
+        if not self.access.lb_token:
+            return error(409, "no token guards /lb/* here (auth.token): there is nothing to log in to")
+        if not matches(token, self.access.lb_token):
+            return error(401, "wrong token")
+        return self._with_cookies(web.json_response({"session": True}), session_value(self.access.lb_token), request)
+
+    async def logout(self, request: web.Request) -> web.Response:
+        return self._with_cookies(web.json_response({"session": False}), "", request)
+
+    def _with_cookies(self, resp: web.Response, value: str, request: web.Request) -> web.Response:
+        for cookie in session_cookies(value, self.access.cookie_paths, request.secure):
+            resp.headers.add("Set-Cookie", cookie)
+        return resp
+
+    async def subscribe(self, request: web.Request) -> web.Response:
+        """POST /lb/subscribe {"client_id"}: that client's open websocket receives the
+        comfylb.status pushes (no other socket does), starting with the state now."""
+        data = await read_object(request, '{"client_id": "<the clientId of an open /ws>"}')
+        if isinstance(data, web.Response):
+            return data
+        sid = data.get("client_id")
+        if not isinstance(sid, str) or not 0 < len(sid) <= 256:
+            return error(400, 'expected {"client_id": "<the clientId of an open /ws>"}')
+        hub = self.cluster.hub
+        if not hub.watch(sid):
+            return error(404, f"no websocket is open with client_id {sid!r}")
+        await hub.send_json(STATUS_EVENT, self.cluster.snapshot(), sid)
+        return web.json_response({"subscribed": sid})
 
     # -- reading -------------------------------------------------------------------------
     async def status(self, request: web.Request) -> web.Response:
@@ -110,20 +175,21 @@ class LbApi:
         task = self.cluster.record.get(request.match_info["task_id"])
         if task is None:
             return error(404, f"no task {request.match_info['task_id']!r}")
+        prompt = task.prompt
+        if prompt is None:  # an ended task keeps no prompt; its history entry does, while it is kept
+            item = (self.cluster.history.get(task.prompt_id) or {}).get("prompt") or []
+            prompt = item[2] if len(item) > 2 else None
         return web.json_response(task.summary() | {"outputs_to_execute": task.outputs,
-                                                   "prompt": task.prompt, "extra_data": task.public_extra_data()})
+                                                   "prompt": prompt, "extra_data": task.public_extra_data()})
 
     async def scheduler(self, request: web.Request) -> web.Response:
         return web.json_response(self.cluster.scheduler_info())
 
     # -- changing --------------------------------------------------------------------------
     async def add_backend(self, request: web.Request) -> web.Response:
-        try:
-            raw = json.loads(await request.read() or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            return error(400, f"body is not valid JSON: {e}")
-        if not isinstance(raw, dict):
-            return error(400, "expected a JSON object: {name, host, port, weight?, max_queue?, enabled?}")
+        raw = await read_object(request, "{name, host, port, weight?, max_queue?, enabled?}")
+        if isinstance(raw, web.Response):
+            return raw
         try:
             b = parse_backend(raw, "backend")
         except ConfigError as e:

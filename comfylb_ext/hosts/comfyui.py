@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mimetypes
 import os
 import re
 import uuid
@@ -17,12 +18,13 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from .. import replacements
+from ..access import Access, cross_site_refusal, is_loopback_client, listens_beyond_loopback, served_file_headers
 from ..api.comfy import ComfyApi
 from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, load
 from ..dispatcher import Cluster
 from ..store import StoreError, database_path, open_store
-from ..uploads import InputStore
+from ..uploads import InputStore, split_annotation
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,24 @@ class PromptServerHub:
 
     def __init__(self, server: Any) -> None:
         self.server = server
+        self.watchers: dict[str, Any] = {}  # sid → the socket that subscribed (Hub.watch)
 
     async def send_json(self, event: str, data: Any, sid: str | None = None) -> None:
         await self.server.send_json(event, data, sid)
+
+    def watch(self, sid: str) -> bool:
+        ws = self.server.sockets.get(sid)
+        if ws is not None:
+            self.watchers[sid] = ws
+        return ws is not None
+
+    async def send_watchers(self, event: str, data: Any) -> None:
+        for sid, ws in list(self.watchers.items()):
+            if self.server.sockets.get(sid) is not ws:
+                # closed, or replaced by a socket that reused the id and did not subscribe
+                self.watchers.pop(sid, None)
+            else:
+                await self.server.send_json(event, data, sid)
 
     async def send_bytes(self, event: int, payload: bytes, sid: str | None = None) -> None:
         await self.server.send_bytes(event, payload, sid)
@@ -58,24 +75,28 @@ def find_config(here: str) -> str:
 
 
 def attach_from_environment(server: Any, here: str) -> Cluster | None:
-    """Read the config and attach, or leave ComfyUI exactly as it is and say why in one line."""
+    """Read the config and attach, or leave ComfyUI exactly as it is and say why in one line
+    (and to the panel, through GET /lb/state)."""
     path = find_config(here)
     if not os.path.exists(path):
         log.info("ComfyLB: no config at %s (set COMFYLB_CONFIG or copy config.example.yaml there); "
                  "ComfyUI runs as usual", path)
-        return None
+        return detached(server, f"no config at {path}: copy config.example.yaml there (or point COMFYLB_CONFIG "
+                                "at one), list your peers under backends, then restart ComfyUI", path)
     try:
         cfg = load(path)
     except ConfigError as e:
         log.error("ComfyLB: config error: %s; ComfyUI runs as usual", e)
-        return None
+        return detached(server, f"config error: {e}; fix it, then restart ComfyUI", path)
     if not any(b.enabled for b in cfg.backends) and not cfg.local.enabled:
         log.info("ComfyLB: no enabled peer in %s; ComfyUI runs as usual", path)
-        return None
+        return detached(server, f"no enabled peer in {path}: list your peers under backends, "
+                                "then restart ComfyUI", path)
     if any(b.name == LOCAL for b in cfg.backends):
         log.error("ComfyLB: config error: %s: the backend name %r is reserved for the coordinator itself; "
                   "ComfyUI runs as usual", path, LOCAL)
-        return None
+        return detached(server, f"config error: {path}: the backend name {LOCAL!r} is reserved for the "
+                                "coordinator itself; rename that peer, then restart ComfyUI", path)
     if not os.path.isabs(cfg.storage.dir):
         cfg.storage.dir = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.storage.dir)
     try:
@@ -83,6 +104,30 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
     except StoreError as e:
         log.error("ComfyLB: state error: %s; ComfyUI runs as usual", e)
         return None
+
+
+def detached(server: Any, reason: str, path: str) -> None:
+    """Not attached: only GET /lb/state answers, so the sidebar tab can say why and where to
+    fix it.  A client from elsewhere, while ComfyUI listens beyond localhost, is told less."""
+    exposed = listens_beyond_loopback(_comfy_args()[0])
+
+    async def state(request: web.Request) -> web.Response:
+        if exposed and not is_loopback_client(request):
+            return web.json_response({"attached": False, "reason": "ComfyLB is not attached: see ComfyUI's log"})
+        return web.json_response({"attached": False, "reason": reason, "config": path})
+
+    server.routes.get("/lb/state")(state)  # ComfyUI adds the /api twin
+    return None
+
+
+def _comfy_args() -> tuple[str, str | None]:
+    """ComfyUI's --listen (the addresses it serves) and --enable-cors-header."""
+    try:
+        from comfy.cli_args import args  # only inside ComfyUI
+    except ImportError:
+        return "127.0.0.1", None
+    listen = args.listen if args.listen is not None else "127.0.0.1"
+    return listen, getattr(args, "enable_cors_header", None)
 
 
 def _local_address() -> tuple[str, int]:
@@ -134,7 +179,15 @@ def attach(server: Any, cfg: Config) -> Cluster:
 
     async def view(request, original):
         resp = await api.view(request)
-        return resp if resp is not None else await original(request)
+        if resp is not None:
+            return resp
+        resp = await original(request)  # a file of this ComfyUI's own
+        if resp.status == 200 and not resp.prepared:
+            # ComfyUI 0.3.75 shows an SVG (and XML, XSL) inline: a script in it would run as this origin
+            name = os.path.basename(split_annotation(request.rel_url.query.get("filename", ""))[0])
+            resp.headers.update(served_file_headers(resp.headers.get("Content-Type") or mimetypes.guess_type(name)[0],
+                                                    name, resp.headers.get("Content-Disposition")))
+        return resp
 
     async def interrupt(request, original):
         try:
@@ -226,6 +279,12 @@ def attach(server: Any, cfg: Config) -> Cluster:
         if path.startswith("/api/"):
             table += [(method, path[4:], cluster_only(handler)), (method, path, cluster_only(handler))]
     compiled = [(m, _compile(p), h) for m, p, h in table]
+    # ComfyUI's --listen decides who can reach /lb/*: beyond localhost, a token or this machine only
+    listen, cors = _comfy_args()
+    access = Access.of(cfg, loopback_only=listens_beyond_loopback(listen) and not cfg.auth.allow_open,
+                       api_origins=frozenset({cors.strip().lower().rstrip("/")}) if cors else frozenset(),
+                       cookie_paths=("/lb", "/api/lb"))
+    log.info("ComfyLB: %s", access.describe(api=False))
 
     @web.middleware
     async def comfylb_middleware(request: web.Request, handler):
@@ -236,12 +295,14 @@ def attach(server: Any, cfg: Config) -> Cluster:
             if method == request.method:
                 m = pattern.match(path)
                 if m is not None:
+                    if not access.origin_ok(request, api=True):
+                        return cross_site_refusal(path)  # a page elsewhere must not queue on (or stop) the peers
                     request["comfylb_params"] = m.groupdict()
                     return await intercept(request, handler)
         return await handler(request)
 
     server.app.middlewares.append(comfylb_middleware)
-    for method, path, handler in LbApi(cluster, cfg.auth.token).routes():
+    for method, path, handler in LbApi(cluster, access).routes():
         server.routes.route(method, path)(handler)  # ComfyUI adds the /api twin
     server.get_queue_info = lambda: {"exec_info": {"queue_remaining": cluster.queue_remaining()}}
     _no_local_assets()

@@ -1,16 +1,15 @@
 """The standalone host: ComfyLB's own aiohttp server in front of the peers."""
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from ..access import Access, cross_site_refusal
 from ..api.comfy import MAX_UPLOAD_SIZE, ComfyApi
 from ..api.lb import LbApi
 from ..config import Config
@@ -32,11 +31,13 @@ class SocketHub:
     def __init__(self) -> None:
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         self.flags: dict[str, dict] = {}
+        self.watchers: set[web.WebSocketResponse] = set()  # receive live state (Hub.watch)
 
     def add(self, sid: str, ws: web.WebSocketResponse) -> None:
         self.sockets.setdefault(sid, set()).add(ws)
 
     def remove(self, sid: str, ws: web.WebSocketResponse) -> None:
+        self.watchers.discard(ws)
         group = self.sockets.get(sid)
         if group is not None:
             group.discard(ws)
@@ -46,6 +47,17 @@ class SocketHub:
 
     def client_flags(self, sid: str) -> dict:
         return self.flags.get(sid, {})
+
+    def watch(self, sid: str) -> bool:
+        group = self.sockets.get(sid)
+        self.watchers |= group or set()
+        return bool(group)
+
+    async def send_watchers(self, event: str, data: Any) -> None:
+        if self.watchers:
+            text = json.dumps({"type": event, "data": data})
+            for ws in list(self.watchers):
+                await _quietly(ws.send_str(text))
 
     def connected(self, sid: str) -> bool:
         return bool(self.sockets.get(sid))
@@ -91,23 +103,26 @@ def build_app(cfg: Config) -> web.Application:
     store = InputStore(Path(cfg.storage.dir) / "files")
     cluster = Cluster(cfg, hub, store, open_store(database_path(cfg)))
     api = ComfyApi(cluster, store, MAX_UPLOAD_SIZE)
-    api_token = cfg.auth.api_token or os.environ.get("COMFYLB_API_TOKEN", "")
+    # the panel's session cookie also opens /ws, which its page uses for live state
+    access = Access.of(cfg, cookie_paths=("/lb", "/ws"))
+    log.info("access: %s", access.describe())
 
     @web.middleware
-    async def require_api_token(request: web.Request, handler):
-        """ComfyUI's client API and /ws, when a token guards them (/lb/* has its own)."""
+    async def guard(request: web.Request, handler):
+        """Cross-site requests, and ComfyUI's client API and /ws when a token guards them
+        (LbApi guards /lb/* itself, as in the extension)."""
         path = request.path
+        if not access.origin_ok(request):
+            return cross_site_refusal(path)
         if path.startswith("/lb/") or path == "/" or path.startswith("/comfylb/"):
             return await handler(request)
-        header = request.headers.get("Authorization", "")
-        given = header[7:] if header[:7].lower() == "bearer " else request.rel_url.query.get("token", "")
-        if hmac.compare_digest(given.encode(), api_token.encode()):
-            return await handler(request)
-        return web.json_response(error_body(_err("unauthorized", "A token is needed for this ComfyLB",
-                                                 "send Authorization: Bearer <token> or ?token=<token>")),
-                                 status=401)
+        if access.api_token and not access.api_allowed(request):
+            return web.json_response(error_body(_err("unauthorized", "A token is needed for this ComfyLB",
+                                                     "send Authorization: Bearer <token> or ?token=<token>")),
+                                     status=401)
+        return await handler(request)
 
-    app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[require_api_token] if api_token else [])
+    app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[guard])
     app[CLUSTER] = cluster
 
     async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -143,7 +158,7 @@ def build_app(cfg: Config) -> web.Application:
 
     app.router.add_get("/", index)
     app.router.add_static("/comfylb/js", web_root / "js")
-    for method, path, handler in LbApi(cluster, cfg.auth.token).routes():
+    for method, path, handler in LbApi(cluster, access).routes():
         app.router.add_route(method, path, handler)
     for method, path, handler in api.routes():
         app.router.add_route(method, "/api" + path, handler)

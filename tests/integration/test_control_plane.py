@@ -66,10 +66,15 @@ async def test_error_cases_answer_4xx_with_a_reason(ops_lb):
             ("POST", "/lb/scheduler/order/shortest_first", None, 400),
         ]
         for method, path, body, want in cases:
-            async with c.session.request(method, c.base + path, data=body) as r:
+            headers = {"Content-Type": "application/json"} if body else {}
+            async with c.session.request(method, c.base + path, data=body, headers=headers) as r:
                 payload = await r.json()
                 assert r.status == want, (method, path, r.status, payload)
                 assert payload["error"], (method, path)
+        # a JSON body sent as anything else (a browser's cross-site form or text/plain)
+        async with c.session.post(c.base + "/lb/backends", data=b'{"name": "x", "host": "h", "port": 1}',
+                                  headers={"Content-Type": "text/plain"}) as r:
+            assert r.status == 415 and "Content-Type" in (await r.json())["error"]
         run = await c.run(invert_prompt())
         async with c.session.delete(f"{c.base}/lb/tasks/{run.prompt_id}") as r:
             assert r.status == 409  # already done

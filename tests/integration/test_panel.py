@@ -3,12 +3,17 @@ the standalone page, each with two real peers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from tests import procs
 from tests.client import Client, sleep_prompt
+from tests.conftest import COORD_TOKEN, peer_backend
 
 pytestmark = pytest.mark.real
 
@@ -159,6 +164,133 @@ async def test_the_coordinator_web_ui_runs_on_peers(browser, coordinators, peers
             await c.wait_event("comfylb.status", lambda d: all(q["task_id"] != running for q in d["queue"]))
             _, hist = await c.get(f"/api/history/{running}")
             assert [m[0] for m in hist[running]["status"]["messages"]][-1] == "execution_interrupted"
+        assert not [e for e in errors if "comfylb" in e.lower()], errors
+    finally:
+        await page.close()
+
+
+# -- access (issue 12: items 4, 5 and 21) ---------------------------------------------------
+SVG_XSS = (b'<svg xmlns="http://www.w3.org/2000/svg"><script>document.title = "ran";'
+           b'fetch("/lb/scheduler/strategy/round_robin", {method: "POST"});'
+           b'fetch("/api/lb/scheduler/strategy/round_robin", {method: "POST"})</script></svg>')
+
+
+async def upload_svg(base_url: str) -> str:
+    name = f"xss-{uuid.uuid4().hex[:8]}.svg"
+    async with aiohttp.ClientSession() as s:
+        form = aiohttp.FormData()
+        form.add_field("image", SVG_XSS, filename=name)
+        async with s.post(base_url + "/api/upload/image", data=form) as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["name"]
+
+
+async def assert_downloaded_not_run(context, url: str) -> None:
+    """Opened in a tab, the file is saved, never shown: its script does not run here."""
+    page = await context.new_page()
+    try:
+        async with page.expect_download() as download:
+            with contextlib.suppress(Exception):  # "Download is starting" aborts the navigation
+                await page.goto(url)
+        assert (await download.value).suggested_filename.endswith(".svg")
+        assert await page.title() != "ran"
+    finally:
+        await page.close()
+
+
+async def assert_token_nowhere_a_script_reads(page, token: str) -> None:
+    readable = await page.evaluate("""async () => JSON.stringify([{...localStorage}, {...sessionStorage},
+        document.cookie, await (await fetch('/api/settings')).text()])""")
+    assert token not in readable
+    cookies = [c for c in await page.context.cookies() if c["name"] == "comfylb_session"]
+    assert cookies and all(c["httpOnly"] and c["sameSite"] == "Strict" and token not in c["value"] for c in cookies)
+
+
+async def test_panel_token_is_an_httponly_cookie_and_status_reaches_only_it(browser, coordinators, peers):
+    """The extension: the token asked once buys an HttpOnly cookie (not a ComfyUI setting),
+    the panel's socket alone receives the pushes, and an uploaded SVG opened in a tab is
+    a download whose script never runs."""
+    coord = coordinators["coord_auth"]
+    context = await browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        await page.goto(coord.url)
+        await page.locator(".comfylb-tab-button").click(timeout=90000)
+        prompt = page.locator(".prompt-dialog-content input")
+        await prompt.fill(COORD_TOKEN, timeout=10000)
+        await prompt.press("Enter")
+        panel = page.locator(".comfylb")
+        await panel.locator(f'.cl-peer[data-peer="{peers[2].name}"].cl-healthy').wait_for(timeout=30000)
+        await assert_token_nowhere_a_script_reads(page, COORD_TOKEN)
+        paths = {c["path"] for c in await context.cookies() if c["name"] == "comfylb_session"}
+        assert paths == {"/lb", "/api/lb"}
+        auth = {"Authorization": f"Bearer {COORD_TOKEN}"}
+        async with Client(coord.url) as stranger, aiohttp.ClientSession(headers=auth) as admin:
+            for act, shown in (("disable", "cl-disabled"), ("enable", "cl-healthy")):  # pushed, not polled
+                async with admin.post(f"{coord.url}/lb/backends/{peers[2].name}/{act}") as r:
+                    assert r.status == 200
+                await panel.locator(f'.cl-peer[data-peer="{peers[2].name}"].{shown}').wait_for(timeout=5000)
+            await asyncio.sleep(0.3)
+            assert not [t for t, _ in stranger.other if t == "comfylb.status"]
+            await assert_downloaded_not_run(context, f"{coord.url}/api/view?filename={await upload_svg(coord.url)}"
+                                                     "&type=input")
+            async with admin.get(f"{coord.url}/lb/scheduler") as r:
+                assert (await r.json())["strategy"] == "least_busy"
+        await page.reload()  # the session outlives the page; the token is not asked again
+        await page.locator(".comfylb-tab-button").click(timeout=90000)
+        await panel.locator(f'.cl-peer[data-peer="{peers[2].name}"]').wait_for(timeout=30000)
+        await panel.locator('button[data-act="logout"]').click()
+        await panel.locator('button[data-act="login"]').wait_for(timeout=5000)
+        assert not [c for c in await context.cookies() if c["name"] == "comfylb_session"]
+        assert not [e for e in errors if "comfylb" in e.lower()], errors
+    finally:
+        await context.close()
+
+
+async def test_standalone_page_logs_in_with_a_cookie(browser, workdir, peers):
+    """The standalone page with api_token guarding everything: the token asked once opens
+    /lb/* and the page's own /ws (cookie paths), and is kept in no storage a script reads."""
+    token = "standalone-s3cret"
+    with procs.running_balancer(workdir, "lb_auth", [peer_backend(peers[2], max_queue=1)],
+                                auth={"api_token": token}) as lb:
+        context = await browser.new_context(viewport={"width": 460, "height": 900}, accept_downloads=True)
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("dialog", lambda d: asyncio.ensure_future(d.accept(token)))
+        try:
+            await page.goto(lb.url + "/")
+            panel = page.locator(".comfylb")
+            await panel.locator(f'.cl-peer[data-peer="{peers[2].name}"].cl-healthy').wait_for(timeout=30000)
+            await assert_token_nowhere_a_script_reads(page, token)
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as admin:
+                async with admin.post(f"{lb.url}/lb/backends/{peers[2].name}/disable") as r:
+                    assert r.status == 200
+                # pushed over the page's /ws, which the cookie opened
+                await panel.locator(f'.cl-peer[data-peer="{peers[2].name}"].cl-disabled').wait_for(timeout=10000)
+                form = aiohttp.FormData()
+                form.add_field("image", SVG_XSS, filename="xss.svg")
+                async with admin.post(lb.url + "/upload/image", data=form) as r:
+                    name = (await r.json())["name"]
+            await assert_downloaded_not_run(context, f"{lb.url}/view?filename={name}&type=input&token={token}")
+            assert errors == []
+        finally:
+            await context.close()
+
+
+async def test_the_tab_says_why_comfylb_is_not_attached(browser, coordinators):
+    stock = coordinators["stock"]  # ComfyLB installed, no config
+    page, errors = await open_page(browser, stock.url)
+    try:
+        await page.locator(".comfylb-tab-button").click(timeout=90000)
+        banner = page.locator(".comfylb .cl-detached")
+        await banner.wait_for(timeout=10000)
+        text = await page.locator(".comfylb").inner_text()
+        assert "not attached" in text and "no config at" in text and "stock-absent.yaml" in text
+        assert "HTTP 404" not in text
+        assert await page.locator(".comfylb .cl-form").is_hidden()  # no add-peer form that cannot work
         assert not [e for e in errors if "comfylb" in e.lower()], errors
     finally:
         await page.close()

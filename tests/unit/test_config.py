@@ -22,7 +22,7 @@ def write(tmp_path, text):
 
 def test_defaults_match_the_documented_schema():
     cfg = parse({})
-    assert (cfg.server.host, cfg.server.port, cfg.server.debug) == ("0.0.0.0", 8100, False)
+    assert (cfg.server.host, cfg.server.port, cfg.server.debug) == ("127.0.0.1", 8100, False)
     assert (cfg.scheduler.strategy, cfg.scheduler.prefer_idle, cfg.scheduler.order) == ("least_busy", True, "fifo")
     hc = cfg.health_check
     assert (hc.interval, hc.timeout, hc.unhealthy_threshold, hc.healthy_threshold) == (5.0, 3.0, 3, 1)

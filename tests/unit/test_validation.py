@@ -126,7 +126,11 @@ def test_min_and_max_compare_the_converted_value():
     # bools are ints to ComfyUI: False is 0, below min 1; 10.9 truncates to 10, within max
     assert one("Num", {**NUM_OK, "i": False})[1][0]["message"] == "Value 0 smaller than min of 1"
     assert one("Num", {**NUM_OK, "i": 10.9})[1] is None
-    assert one("Num", {**NUM_OK, "f": float("nan")})[1] is None  # NaN compares false both ways
+    # ComfyUI takes NaN and infinities (NaN compares false both ways); ComfyLB refuses them,
+    # as JSON cannot carry them back to anyone
+    for value in (float("nan"), "nan", "inf", "-Infinity"):
+        error = one("Num", {**NUM_OK, "f": value})[1][0]
+        assert error["type"] == "invalid_input_type" and "not a finite number" in error["details"], value
     # an error on the output node itself is what the top-level details list
     prompt = {"1": {"class_type": "Num", "inputs": NUM_OK},
               "9": {"class_type": "Out", "inputs": {"images": ["1", 0], "n": 4}}}

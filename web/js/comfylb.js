@@ -4,7 +4,9 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 import { createPanel, STATUS_EVENT } from "./panel.js";
 
-const TOKEN_SETTING = "ComfyLB.Token";
+// Where earlier versions kept the /lb token: ComfyUI settings, which any client reads back
+// with GET /api/settings.  It is moved into a session cookie once, then blanked.
+const OLD_TOKEN_SETTING = "ComfyLB.Token";
 const listeners = new Set();
 
 // Registered at import: the frontend only dispatches custom events that have a listener.
@@ -20,19 +22,22 @@ if (ownFlags) {
   if (api.socket?.readyState === WebSocket.OPEN) api.socket.close();
 }
 
-function settings() {
-  return app.extensionManager?.setting;
-}
-
 async function askToken() {
   const dialog = app.extensionManager?.dialog;
   const message = "This ComfyLB needs a token for its management API (auth.token in its config).";
   const token = dialog?.prompt
     ? await dialog.prompt({ title: "ComfyLB token", message, defaultValue: "" })
     : window.prompt(message);
-  if (!token) return null;
-  await settings()?.set(TOKEN_SETTING, token);
-  return token;
+  return token || null;
+}
+
+async function forgetStoredToken() {
+  let old = null;
+  try { old = await api.getSetting(OLD_TOKEN_SETTING); } catch { return; }
+  if (!old) return;
+  await api.fetchApi("/lb/session", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ token: old }) }).catch(() => {});
+  await api.storeSetting(OLD_TOKEN_SETTING, "");
 }
 
 async function confirmAction(message) {
@@ -43,27 +48,21 @@ async function confirmAction(message) {
 
 app.registerExtension({
   name: "ComfyLB.Panel",
-  settings: [{
-    id: TOKEN_SETTING,
-    name: "Token for ComfyLB's /lb/* API (empty when none is set)",
-    type: "text",
-    defaultValue: "",
-    category: ["ComfyLB", "Access", "Token"],
-  }],
   async setup() {
     const manager = app.extensionManager;
     if (!manager?.registerSidebarTab) {
       console.info("ComfyLB: this ComfyUI frontend has no sidebar tabs, so the ComfyLB panel is not shown");
       return;
     }
+    await forgetStoredToken().catch(() => {});
     const panel = createPanel({
       request(method, path, body) {
+        // the session cookie (Path=/api/lb) goes along: fetchApi asks the same origin
         const headers = body ? { "Content-Type": "application/json" } : {};
-        const token = settings()?.get(TOKEN_SETTING);
-        if (token) headers.Authorization = `Bearer ${token}`;
         return api.fetchApi(path, { method, headers, body: body ? JSON.stringify(body) : undefined });
       },
       onStatus: (cb) => listeners.add(cb),
+      clientId: () => api.clientId || null,
       toast: (message) => manager.toast?.add(message),
       askToken,
       confirm: confirmAction,
@@ -78,5 +77,9 @@ app.registerExtension({
       render: (el) => panel.render(el),
       destroy: () => panel.destroy(),
     });
+    // The pushes go to the socket that subscribed: again after every reconnect.  "status"
+    // also comes when a socket opens, so a panel drawn before the first one subscribes then.
+    api.addEventListener("reconnected", () => panel.resubscribe());
+    api.addEventListener("status", () => panel.state.snapshot && !panel.state.subscribed && panel.resubscribe());
   },
 });

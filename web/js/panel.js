@@ -60,12 +60,14 @@ const secs = (s) => (s == null ? "–" : s < 10 ? `${s.toFixed(2)} s` : `${s.toF
 
 /**
  * host: {
- *   request(method, path, body?) -> Promise<Response>   (adds the token if it has one)
- *   onStatus(callback)            subscribe to comfylb.status snapshots
+ *   request(method, path, body?) -> Promise<Response>   (same-origin: the session cookie goes along)
+ *   onStatus(callback)            comfylb.status snapshots pushed on the host's websocket
+ *   clientId() -> string|null     that websocket's clientId, to subscribe it to the pushes
  *   toast({severity, summary, detail})
- *   askToken() -> Promise<string|null>   ask the user once, remember it
+ *   askToken() -> Promise<string|null>   ask the user for the /lb token (never stored: it buys a cookie)
  *   confirm(message) -> Promise<boolean>
  * }
+ * The host calls resubscribe() whenever its websocket (re)connects.
  */
 export function createPanel(host) {
   const state = {
@@ -75,11 +77,44 @@ export function createPanel(host) {
     formError: null,
     pending: new Set(),
     roots: new Set(),
+    detached: null,    // {reason, config}: ComfyLB is installed here but not attached
+    session: undefined, // whether this browser holds a session cookie (HttpOnly: asked of /lb/state)
+    declined: false,   // the user cancelled the token prompt or logged out: ask only on "Log in"
+    subscribed: null,  // the clientId whose socket receives the pushes
   };
 
-  async function call(method, path, body) {
+  async function errorOf(r) {
+    try { return (await r.json()).error || `HTTP ${r.status}`; } catch { return `HTTP ${r.status}`; }
+  }
+
+  // The token is sent once, for an HttpOnly cookie: no script (another page of this origin
+  // included) can read it back.  One prompt at a time, however many requests were refused.
+  let asking = null;
+  function login() {
+    asking ??= (async () => {
+      const token = await host.askToken();
+      if (!token) { state.declined = true; return false; }
+      const r = await host.request("POST", "/lb/session", {token});
+      if (!r.ok) {
+        host.toast({severity: "error", summary: "ComfyLB", detail: `Log in: ${await errorOf(r)}`, life: 6000});
+        return false;
+      }
+      state.session = true;
+      state.declined = false;
+      return true;
+    })().finally(() => { asking = null; });
+    return asking;
+  }
+
+  async function logout() {
+    await host.request("DELETE", "/lb/session");
+    Object.assign(state, {session: false, declined: true, snapshot: null, subscribed: null});
+    await refresh();
+  }
+
+  async function call(method, path, body, ask = true) {
     let r = await host.request(method, path, body);
-    if (r.status === 401 && (await host.askToken())) r = await host.request(method, path, body);
+    if (r.status === 401 && ask && (await login())) r = await host.request(method, path, body);
     let data = null;
     try { data = await r.json(); } catch { /* empty body */ }
     if (!r.ok) {
@@ -93,15 +128,48 @@ export function createPanel(host) {
 
   async function refresh() {
     try {
-      state.snapshot = await call("GET", "/lb/status");
+      state.snapshot = await call("GET", "/lb/status", undefined, !state.declined);
       state.error = null;
+      state.detached = null;
+      if (state.session === undefined) state.session = Boolean((await lbState())?.session);
+      subscribe();
     } catch (e) {
-      state.error = e.status === 401 ? "A token is needed for /lb/* (set it in settings: ComfyLB › Token)." : `Cannot reach ComfyLB: ${e.message}`;
+      state.snapshot = e.status === 401 ? null : state.snapshot;
+      if (e.status === 404) state.detached = await detachedReason();
+      state.error = e.status === 401 ? "A token is needed for /lb/* (auth.token in ComfyLB's config)." : `Cannot reach ComfyLB: ${e.message}`;
     }
     draw();
   }
 
+  async function lbState() {
+    try {
+      const r = await host.request("GET", "/lb/state");
+      return r.ok ? await r.json() : null;
+    } catch { return null; }
+  }
+
+  async function detachedReason() {
+    const s = await lbState();
+    return s && s.attached === false ? s : {reason: "ComfyLB is installed but did not start here: see ComfyUI's log."};
+  }
+
+  // The pushes reach only sockets subscribed by someone allowed to read /lb/*.
+  async function subscribe() {
+    const id = host.clientId?.();
+    if (!id || state.subscribed === id) return;
+    try {
+      await call("POST", "/lb/subscribe", {client_id: id}, false);
+      state.subscribed = id;
+    } catch { /* the socket is not open yet: the host calls resubscribe() once it is */ }
+  }
+
+  function resubscribe() {
+    state.subscribed = null;
+    if (state.snapshot) subscribe();
+  }
+
   host.onStatus((snapshot) => {
+    if (state.declined) return;  // logged out: this socket stays subscribed until it reconnects
     state.snapshot = snapshot;
     state.error = null;
     draw();
@@ -197,7 +265,12 @@ export function createPanel(host) {
 
   function bodyHtml() {
     const s = state.snapshot;
-    if (state.error && !s) return `<div class="cl-banner">${esc(state.error)}</div>`;
+    if (state.detached) {
+      const where = state.detached.config ? `<div class="cl-dim">Config: <span class="cl-mono">${esc(state.detached.config)}</span></div>` : "";
+      return `<div class="cl-banner cl-detached"><b>ComfyLB is installed but not attached.</b><br>${esc(state.detached.reason)}</div>${where}`;
+    }
+    const loginButton = `<button data-act="login"><i class="pi pi-sign-in"></i>Log in</button>`;
+    if (state.error && !s) return `<div class="cl-banner">${esc(state.error)}</div>${state.error.startsWith("A token") ? loginButton : ""}`;
     if (!s) return `<div class="cl-empty">Loading…</div>`;
     const t = s.stats.totals;
     const totals = [["queued", t.queued], ["running", t.running], ["done", t.completed], ["failed", t.failed],
@@ -214,6 +287,7 @@ export function createPanel(host) {
           aria-label="Cancel ${esc(q.task_id)}" title="Cancel"><i class="pi pi-times"></i></button></div>`).join("")
       : `<div class="cl-empty">Nothing queued.</div>`;
     return `${state.error ? `<div class="cl-banner">${esc(state.error)}</div>` : ""}
+      ${state.session ? `<div class="cl-bar"><span class="cl-grow"></span><button data-act="logout" title="Forget this browser's ComfyLB session"><i class="pi pi-sign-out"></i>Log out</button></div>` : ""}
       <div class="cl-totals">${totals}</div>
       <h3><i class="pi pi-sitemap"></i><span class="cl-grow">Peers</span>
         <button data-act="check" ${state.pending.has("check") ? "disabled" : ""} title="Check every peer now"><i class="pi pi-refresh"></i>Check now</button></h3>
@@ -250,6 +324,8 @@ export function createPanel(host) {
       if (err) err.textContent = state.formError || "";
       const submit = root.querySelector("form button[type=submit]");
       if (submit) submit.disabled = state.pending.has("add");
+      // adding a peer needs a running ComfyLB, and the right to manage it
+      root.querySelector(".cl-form").hidden = Boolean(state.detached) || !state.snapshot;
     }
   }
 
@@ -287,6 +363,8 @@ export function createPanel(host) {
       else if (act === "remove") actions.remove(name).catch(() => {});
       else if (act === "check") actions.check().catch(() => {});
       else if (act === "cancel") actions.cancel(id).catch(() => {});
+      else if (act === "login") login().then((ok) => ok && refresh());
+      else if (act === "logout") logout();
     });
     root.addEventListener("change", (ev) => {
       if (ev.target.matches('select[data-act="strategy"]')) actions.strategy(ev.target.value).catch(() => {});
@@ -307,5 +385,5 @@ export function createPanel(host) {
     for (const root of [...state.roots]) if (!root.isConnected || el?.contains(root)) state.roots.delete(root);
   }
 
-  return {render, destroy, refresh, state, actions};
+  return {render, destroy, refresh, resubscribe, state, actions};
 }

@@ -95,7 +95,10 @@ async def main() -> None:
             async with s.get(lb.url + "/lb/stats") as r:
                 stats = await r.json()
             await s.post(lb.url + "/queue", json={"clear": True})
-            await s.post(lb.url + "/interrupt", json={})
+            async with s.get(lb.url + "/api/jobs", params={"status": "in_progress,pending"}) as r:
+                live = [j["id"] for j in (await r.json())["jobs"]]
+            # an interrupt without an id stops one prompt, as on one ComfyUI: cancel each
+            await s.post(lb.url + "/api/jobs/cancel", json={"job_ids": live})
             while True:  # let the interrupted prompts drain
                 async with s.get(lb.url + "/prompt") as r:
                     if (await r.json())["exec_info"]["queue_remaining"] == 0:

@@ -160,7 +160,7 @@ def without_token(request: web.Request) -> str:
     """The query string to pass on to a peer: `token` (a client's credential for this
     balancer) never lands in a peer's access log."""
     q = request.rel_url.query
-    return request.query_string if "token" not in q else urlencode([(k, v) for k, v in q.items() if k != "token"])
+    return request.rel_url.raw_query_string if "token" not in q else urlencode([(k, v) for k, v in q.items() if k != "token"])
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ the file and the field, so the CLI can print one line and stop.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ _TYPES = {"float": float, "int": int, "bool": bool, "str": str, "list": list, "d
 
 def _check_type(path: str, value: Any, typ: type) -> Any:
     if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(path, f"expected a number, got {value!r}")
         return float(value)
     if typ is int:

@@ -124,6 +124,7 @@ class Cluster(Recovery):
         for task in self.db.load_tasks(finished=RECORD_SIZE):
             self._remember(task)
             if task.state in TERMINAL:
+                task.let_go()
                 continue
             task.req = capability.requirements(task.prompt)
             self.tasks[task.prompt_id] = task
@@ -603,6 +604,7 @@ class Cluster(Recovery):
         self.tasks.pop(task.prompt_id, None)
         task.drop_secrets()
         self.db.update_task(task)
+        task.let_go(keep_prompt=task in self.polls.lingering())
         self.counts["failed"] += 1
         self.changed()
         await self.relay.json(task.client_id, "execution_error", error, task.prompt_id)
@@ -869,6 +871,7 @@ class Cluster(Recovery):
         self.tasks.pop(task.prompt_id, None)
         task.drop_secrets()
         self.db.update_task(task)
+        task.let_go()
         self.counts["cancelled"] += 1
         self.changed()
 

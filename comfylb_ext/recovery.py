@@ -66,16 +66,19 @@ class Recovery:
             pid = task.prompt_id
             try:
                 hist = await peer.get_json(f"/history/{quote(pid, safe='')}")
-                running, pending = await peer.held() if pid not in hist else (set(), set())
+                running, pending = await peer.held() if not isinstance(hist, dict) or pid not in hist else (set(), set())
             except PeerError:
                 return  # the link will drop again and _recover_after takes over
             if peer.tasks.get(pid) is not task:
                 continue
-            if pid in hist:
-                messages = ((hist[pid].get("status") or {}).get("messages")) or []
-                if messages and messages[-1][0] in TERMINAL_EVENTS:
+            if isinstance(hist, dict) and pid in hist:
+                entry = hist[pid] if isinstance(hist[pid], dict) else {}
+                status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
+                messages = status.get("messages") if isinstance(status.get("messages"), list) else []
+                last = messages[-1] if messages and isinstance(messages[-1], list) and len(messages[-1]) == 2 else None
+                if last is not None and last[0] in TERMINAL_EVENTS and isinstance(last[1], dict):
                     peer.release(pid)
-                    await self.relay.json(task.client_id, messages[-1][0], messages[-1][1], pid)
+                    await self.relay.json(task.client_id, last[0], last[1], pid)
                 await self._finish(task, peer)
                 continue
             if pid not in running | pending:

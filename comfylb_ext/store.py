@@ -192,7 +192,8 @@ class Store:
                  dispatched_at=dispatched_at, started_at=started_at, finished_at=finished_at, created=created)
         t.targets = frozenset(targets) if targets is not None else None
         t.attempt_log = json.loads(attempt_log)
-        if not isinstance(t.prompt, dict) or not isinstance(t.extra_data, dict) or not isinstance(t.attempt_log, list):
+        if (not isinstance(t.prompt, dict) and not (t.prompt is None and state in TERMINAL)
+                or not isinstance(t.extra_data, dict) or not isinstance(t.attempt_log, list)):
             raise ValueError("not a task")
         return t
 

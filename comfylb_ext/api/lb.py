@@ -1,12 +1,12 @@
 """The `/lb/*` management API: JSON in and out, 4xx errors that say what was wrong."""
 from __future__ import annotations
 
-import json
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
 from ..access import Access, cross_site_refusal, matches, session_cookies, session_value
+from .. import jsonsafe
 from ..config import ConfigError, parse_backend
 from ..dispatcher import SCHEDULER_CHOICES, STATUS_EVENT, Cluster
 from ..tasks import QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED
@@ -26,8 +26,8 @@ def _is_json(content_type: str) -> bool:
 async def read_object(request: web.Request, shape: str) -> dict | web.Response:
     """The request's body as a JSON object, or the 400 that says why not."""
     try:
-        raw = json.loads(await request.read() or b"null")
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raw = jsonsafe.loads(await request.read() or b"null", max_bytes=jsonsafe.MAX_BODY_BYTES)
+    except ValueError as e:  # jsonsafe.JSONError too: deep, huge, NaN
         return error(400, f"body is not valid JSON: {str(e)[:200]}")
     return raw if isinstance(raw, dict) else error(400, f"expected a JSON object: {shape}")
 

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .. import replacements
+from .. import jsonsafe, replacements
 from ..access import Access, cross_site_refusal, is_loopback_client, listens_beyond_loopback, served_file_headers
 from ..api.comfy import ComfyApi
 from ..api.lb import LbApi
@@ -191,7 +191,7 @@ def attach(server: Any, cfg: Config) -> Cluster:
 
     async def interrupt(request, original):
         try:
-            data = json.loads(await request.read() or b"{}")
+            data = jsonsafe.loads(await request.read() or b"{}")
         except ValueError:
             data = {}
         pid = data.get("prompt_id") if isinstance(data, dict) else None

@@ -58,6 +58,19 @@ async def exercise_panel(page, base_url: str, peers, root: str, while_running=No
     await panel.locator(f'.cl-peer[data-peer="{peers[0].name}"].cl-disabled').wait_for(timeout=5000)
     await panel.locator(f'.cl-peer[data-peer="{peers[0].name}"] button[data-act="toggle"]').click()
     await panel.locator(f'.cl-peer[data-peer="{peers[0].name}"].cl-healthy').wait_for(timeout=5000)
+    # with every peer disabled a prompt waits, and the panel says why until one takes it
+    toggles = [panel.locator(f'.cl-peer[data-peer="{p.name}"] button[data-act="toggle"]') for p in peers[:2]]
+    for toggle, p in zip(toggles, peers[:2]):
+        await toggle.click()
+        await panel.locator(f'.cl-peer[data-peer="{p.name}"].cl-disabled').wait_for(timeout=5000)
+    async with Client(base_url) as c:
+        waiting = (await c.queue(sleep_prompt(0.1, "waiting")))[2]
+        await panel.locator(".cl-waiting", has_text="is disabled").wait_for(timeout=10000)
+        for toggle, p in zip(toggles, peers[:2]):
+            await toggle.click()
+            await panel.locator(f'.cl-peer[data-peer="{p.name}"].cl-healthy').wait_for(timeout=5000)
+        await asyncio.wait_for(waiting.done.wait(), 60)
+    await panel.locator(".cl-waiting").wait_for(state="detached", timeout=10000)
     # the scheduler's choices, applied by the coordinator, then put back
     for act, value, default in (("strategy", "round_robin", "least_busy"), ("order", "longest_first", "fifo")):
         for chosen in (value, default):

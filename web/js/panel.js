@@ -288,6 +288,8 @@ export function createPanel(host) {
       : `<div class="cl-empty">Nothing queued.</div>`;
     return `${state.error ? `<div class="cl-banner">${esc(state.error)}</div>` : ""}
       ${state.session ? `<div class="cl-bar"><span class="cl-grow"></span><button data-act="logout" title="Forget this browser's ComfyLB session"><i class="pi pi-sign-out"></i>Log out</button></div>` : ""}
+      ${s.stats.waiting ? `<div class="cl-banner cl-waiting" role="status">Prompts wait: ${esc(s.stats.waiting)}</div>` : ""}
+      ${s.stats.storage && !s.stats.storage.ok ? `<div class="cl-banner cl-storage" role="alert">State database: ${esc(s.stats.storage.problem)} (kept in memory; written again as soon as the disk takes it)</div>` : ""}
       <div class="cl-totals">${totals}</div>
       <h3><i class="pi pi-sitemap"></i><span class="cl-grow">Peers</span>
         <button data-act="check" ${state.pending.has("check") ? "disabled" : ""} title="Check every peer now"><i class="pi pi-refresh"></i>Check now</button></h3>

@@ -51,6 +51,8 @@ AFFINITY_LOOKAHEAD = 64           # queued tasks a warm peer looks through for o
 ORDER_WINDOW = 64                 # longest_first: queued tasks reordered; also the most times one is overtaken
 PREFETCH_MAX = 32 << 20           # outputs larger than this are relayed on demand, not copied ahead
 KEPT_CHECK_EVERY = 0.5            # seconds between looks for returned clients with results waiting
+ITSELF = ("this address is this ComfyLB itself, not a peer: list the other ComfyUI instances under backends "
+          "(127.0.0.1:8188 is ComfyUI's own default address)")
 STORE_CHECK_EVERY = 2.0           # seconds between checks that the state database is still there and writable
 # Events the coordinator keeps for a history entry it must write itself.
 _STATUS_EVENTS = ("execution_start", "execution_cached") + TERMINAL_EVENTS
@@ -74,6 +76,7 @@ class Cluster(Recovery):
                                     cfg.scheduler.order)
         self.costs = CostModel()
         # Stable across restarts: prompts already on a peer keep sending their events to us.
+        self.instance_id = uuid.uuid4().hex  # this process, as its answers say (peer.INSTANCE_HEADER)
         self.client_id = self.db.get("client_id") or "comfylb-" + uuid.uuid4().hex
         self.db.put("client_id", self.client_id)
         self.counts: Counter[str] = Counter()
@@ -299,6 +302,9 @@ class Cluster(Recovery):
                 peer.system_stats = clean_system_stats(stats)
         except PeerError as e:
             ok, error = False, str(e)
+        if peer.answered_by == self.instance_id:
+            ok, error = False, ITSELF
+            self.spawn(peer.stop())  # no websocket to ourselves; it stays listed, refused, with the reason
         peer.checks += 1
         if ok and peer.linked and peer.checks % OBJECT_INFO_EVERY == 0:
             self.spawn(self.refresh_object_info(peer))  # nodes or models may have been added

@@ -67,6 +67,11 @@ class PeerListener(Protocol):
     async def on_binary(self, peer: "Peer", data: bytes) -> None: ...
 
 
+# Every answer of a ComfyLB carries its instance id: a "peer" answering with ours is this
+# very process (ComfyUI's default address copied into the coordinator's own config).
+INSTANCE_HEADER = "X-ComfyLB-Instance"
+
+
 class PeerError(Exception):
     """The peer could not be reached or answered nonsense."""
 
@@ -108,6 +113,7 @@ class Peer:
         self.object_info: dict | None = None
         self.caps: Capabilities | None = None  # None until its /object_info is known: then anything goes
         self.replacements: dict[str, list[dict]] = {}  # its /node_replacements (today's ComfyUI)
+        self.answered_by: str | None = None  # the ComfyLB instance behind its address, if any (INSTANCE_HEADER)
         self.system_stats: dict | None = None
         self.delivered: dict[tuple[str, str, str], str] = {}
         # Prompts taken back from this peer while it was away; dropped from its queue when it returns.
@@ -248,6 +254,7 @@ class Peer:
         try:
             async with self.session.request(method, self._url(path), timeout=t,
                                             headers={**(headers or {}), **self.headers}, **kw) as r:
+                self.answered_by = r.headers.get(INSTANCE_HEADER)
                 body = await _read(r, max_size)
                 if "json" in (r.content_type or ""):
                     try:

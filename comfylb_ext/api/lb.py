@@ -8,7 +8,7 @@ from aiohttp import web
 from ..access import Access, cross_site_refusal, matches, session_cookies, session_value
 from .. import jsonsafe
 from ..config import ConfigError, parse_backend
-from ..dispatcher import SCHEDULER_CHOICES, STATUS_EVENT, Cluster
+from ..dispatcher import ITSELF, SCHEDULER_CHOICES, STATUS_EVENT, Cluster
 from ..tasks import QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -200,6 +200,10 @@ class LbApi:
         if existing is not None:
             return error(409, f"backend {b.name!r} is still finishing its prompts after removal; try again later")
         peer = self.cluster.add_peer(b, persist=True)
+        await self.cluster.check_peer(peer)
+        if peer.answered_by == self.cluster.instance_id:
+            await self.cluster.remove_peer(b.name)
+            return error(400, f"{b.url}: {ITSELF}", field="port")
         return web.json_response(peer.describe(), status=201)
 
     async def remove_backend(self, request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from ..api.comfy import ComfyApi
 from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, load
 from ..dispatcher import Cluster
+from ..peer import INSTANCE_HEADER
 from ..store import StoreError, database_path, open_store
 from ..uploads import InputStore, split_annotation
 
@@ -302,6 +303,11 @@ def attach(server: Any, cfg: Config) -> Cluster:
         return await handler(request)
 
     server.app.middlewares.append(comfylb_middleware)
+
+    async def sign(request: web.Request, response: web.StreamResponse) -> None:
+        if request.headers.get(BYPASS) != secret:  # the `local` peer is this ComfyUI on purpose
+            response.headers[INSTANCE_HEADER] = cluster.instance_id  # a configured peer that is us is refused
+    server.app.on_response_prepare.append(sign)
     for method, path, handler in LbApi(cluster, access).routes():
         server.routes.route(method, path)(handler)  # ComfyUI adds the /api twin
     server.get_queue_info = lambda: {"exec_info": {"queue_remaining": cluster.queue_remaining()}}

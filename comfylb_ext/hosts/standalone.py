@@ -14,6 +14,7 @@ from ..api.comfy import MAX_UPLOAD_SIZE, ComfyApi
 from ..api.lb import LbApi
 from ..config import Config
 from ..dispatcher import Cluster
+from ..peer import INSTANCE_HEADER
 from ..validation import _err, error_body
 from ..store import database_path, open_store
 from ..uploads import InputStore
@@ -124,6 +125,10 @@ def build_app(cfg: Config) -> web.Application:
 
     app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[guard])
     app[CLUSTER] = cluster
+
+    async def sign(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[INSTANCE_HEADER] = cluster.instance_id  # so it is never its own peer
+    app.on_response_prepare.append(sign)
 
     async def websocket(request: web.Request) -> web.WebSocketResponse:
         sid = request.rel_url.query.get("clientId") or uuid.uuid4().hex

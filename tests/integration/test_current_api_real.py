@@ -163,3 +163,11 @@ async def test_a_value_out_of_range_is_refused_as_the_peer_refuses_it(lb, peers)
         async with aiohttp.ClientSession() as s:
             async with s.post(peers[0].url + "/prompt", json={"prompt": prompt}) as r:
                 assert (status, body) == (r.status, await r.json()) and status == 400
+
+
+async def test_the_balancer_itself_is_never_its_own_peer(lb):
+    async with Client(lb.url) as c:
+        status, body = await c.post("/lb/backends", {"name": "myself", "host": "127.0.0.1", "port": lb.port})
+        assert status == 400 and "this ComfyLB itself" in body["error"], body
+        _, backends = await c.get("/lb/backends")
+        assert "myself" not in {b["name"] for b in backends["backends"] if b["status"] != "removed"}

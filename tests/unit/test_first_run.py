@@ -30,3 +30,18 @@ def test_the_demo_keeps_its_own_state(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_serve", serve)
     assert cli.main(["--demo"]) == 0
     assert seen["demo"] and seen["dir"] != "comfylb-data" and "demo" in seen["dir"]
+
+
+async def test_a_peer_that_is_this_balancer_itself_is_refused_with_a_clear_message():
+    from comfylb_ext.config import BackendConfig
+
+    async with lb_over_sims(1) as (url, sims, cluster):
+        async with Client(url) as c:
+            port = int(url.rsplit(":", 1)[1])
+            status, body = await c.post("/lb/backends", {"name": "me", "host": "127.0.0.1", "port": port})
+            assert status == 400 and "this ComfyLB itself" in body["error"]
+            await wait_for(lambda: "me" not in cluster.peers, cluster)
+            cluster.add_peer(BackendConfig(name="me2", port=port))  # as from a copied config
+            await wait_for(lambda: cluster.peers["me2"].health.last_error is not None, cluster)
+            assert "this ComfyLB itself" in cluster.peers["me2"].health.last_error
+            assert not cluster.peers["me2"].available

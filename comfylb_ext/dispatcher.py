@@ -112,7 +112,10 @@ class Cluster(Recovery):
         self.health.start()
         self.spawn(self._keep_state_on_disk())
         self.spawn(self._deliver_kept())
-        log.info("coordinator up with %d peer(s), strategy %s", len(self.peers), self.sched.strategy)
+        log.info("coordinator up with %d peer(s), strategy %s%s", len(self.peers), self.sched.strategy,
+                 f"; {len(self.runtime_peers)} of them added at runtime ({', '.join(self.runtime_peers)}: kept in "
+                 "the state database, not the config; DELETE /lb/backends/{name} removes one for good)"
+                 if self.runtime_peers else "")
 
     def _restore(self) -> None:
         """Pick up where the last run stopped: history, counters, files, and every task
@@ -250,6 +253,7 @@ class Cluster(Recovery):
             self.db.save_peer(b)
             self.runtime_peers[b.name] = b
         peer = Peer(b, self.session, self.client_id, self, self.cfg.health_check.timeout * 10)
+        peer.source = "runtime" if b.name in self.runtime_peers else "config"
         self.peers[b.name] = peer
         peer.start()
         self.spawn(self.check_peer(peer))

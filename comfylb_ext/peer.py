@@ -72,6 +72,28 @@ class PeerListener(Protocol):
 INSTANCE_HEADER = "X-ComfyLB-Instance"
 
 
+def unreachable(e: BaseException, url: str, timeout: float | None = None) -> str:
+    """Why a peer could not be reached, for people rather than as a library's exception."""
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no answer from {url}" + (f" within {timeout:g} s" if timeout else "")
+    if isinstance(e, aiohttp.ClientConnectorDNSError if hasattr(aiohttp, "ClientConnectorDNSError") else ()):
+        return f"host name of {url} not found"
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        return f"{url}: its TLS certificate is not trusted"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        cause = e.os_error
+        if isinstance(cause, ConnectionRefusedError):
+            return f"nothing listens at {url} (connection refused)"
+        if "Name or service not known" in str(cause) or "nodename nor servname" in str(cause):
+            return f"host name of {url} not found"
+        return f"cannot connect to {url}: {cause.strerror or cause}"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return f"{url} closed the connection"
+    if isinstance(e, aiohttp.WSServerHandshakeError):
+        return f"{url} refused the websocket (HTTP {e.status}): is it ComfyUI?"
+    return f"cannot talk to {url}: {e.__class__.__name__}: {e}".rstrip(": ")
+
+
 class PeerError(Exception):
     """The peer could not be reached or answered nonsense."""
 
@@ -114,6 +136,7 @@ class Peer:
         self.caps: Capabilities | None = None  # None until its /object_info is known: then anything goes
         self.replacements: dict[str, list[dict]] = {}  # its /node_replacements (today's ComfyUI)
         self.answered_by: str | None = None  # the ComfyLB instance behind its address, if any (INSTANCE_HEADER)
+        self.source = "config"  # or "runtime": added by POST /lb/backends, kept in the state database
         self.system_stats: dict | None = None
         self.delivered: dict[tuple[str, str, str], str] = {}
         # Prompts taken back from this peer while it was away; dropped from its queue when it returns.
@@ -221,7 +244,7 @@ class Peer:
                 await self._link_lost("coordinator stopping")
                 raise
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                reason = f"cannot connect: {e.__class__.__name__}: {e}".rstrip(": ")
+                reason = unreachable(e, self.url)
             except Exception as e:  # a bug in a handler must not kill the link for good
                 log.exception("peer %s: error while handling its events", self.name)
                 reason = f"internal error: {e!r}"
@@ -263,11 +286,13 @@ class Peer:
                         log.warning("peer %s: %s %s: unusable JSON: %s", self.name, method, path, e)
                 return r.status, body.decode("utf-8", "replace")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            raise PeerError(f"{method} {path}: {e.__class__.__name__}: {e}".rstrip(": ")) from e
+            raise PeerError(f"{method} {path}: {unreachable(e, self.url, timeout or self.request_timeout)}") from e
 
     async def get_json(self, path: str, timeout: float | None = None, max_size: int = MAX_BODY) -> Any:
         status, body = await self.request("GET", path, timeout=timeout, max_size=max_size)
         if status != 200 or isinstance(body, str):
+            if path == "/system_stats" and status in (404, 405):
+                raise PeerError(f"{self.url} answers, but is not ComfyUI (no /system_stats: HTTP {status})")
             raise PeerError(f"GET {path}: HTTP {status}" + (": not usable JSON" if status == 200 else ""))
         return body
 
@@ -362,7 +387,7 @@ class Peer:
         return jsonsafe.finite({"status": self.status,
             "name": self.name, "url": self.url, "host": self.cfg.host, "port": self.cfg.port,
             "weight": self.cfg.weight, "max_queue": self.cfg.max_queue, "enabled": self.enabled, "tags": self.cfg.tags,
-            "scheme": self.cfg.scheme, "removed": self.removed, "linked": self.linked, "available": self.available,
+            "scheme": self.cfg.scheme, "source": self.source, "removed": self.removed, "linked": self.linked, "available": self.available,
             "health": {"state": self.health.state, "last_error": self.health.last_error or self.link_error,
                        "changed_at": self.health.changed_at, "checked_at": self.health.checked_at},
             "in_flight": len(self.inflight), "running": self.running, "progress": self.progress,

@@ -75,9 +75,27 @@ def find_config(here: str) -> str:
     return os.environ.get("COMFYLB_CONFIG") or os.path.join(here, "config.yaml")
 
 
+class _Prefixed(logging.Filter):
+    """ComfyUI's log mixes every custom node's lines: ours say whose they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("ComfyLB:"):
+            record.msg = f"ComfyLB: {record.msg}"
+        return True
+
+
+def _prefix_logs() -> None:
+    prefix = _Prefixed()
+    for name in [n for n in list(logging.root.manager.loggerDict) if n.startswith("comfylb_ext")]:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Prefixed) for f in logger.filters):
+            logger.addFilter(prefix)
+
+
 def attach_from_environment(server: Any, here: str) -> Cluster | None:
     """Read the config and attach, or leave ComfyUI exactly as it is and say why in one line
     (and to the panel, through GET /lb/state)."""
+    _prefix_logs()
     path = find_config(here)
     if not os.path.exists(path):
         log.info("ComfyLB: no config at %s (set COMFYLB_CONFIG or copy config.example.yaml there); "

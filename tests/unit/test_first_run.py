@@ -45,3 +45,37 @@ async def test_a_peer_that_is_this_balancer_itself_is_refused_with_a_clear_messa
             await wait_for(lambda: cluster.peers["me2"].health.last_error is not None, cluster)
             assert "this ComfyLB itself" in cluster.peers["me2"].health.last_error
             assert not cluster.peers["me2"].available
+
+
+async def test_peers_that_cannot_be_used_say_why_in_words():
+    from aiohttp import web
+
+    from comfylb_ext.config import BackendConfig
+    from tests.procs import free_port
+
+    other = web.AppRunner(web.Application(), shutdown_timeout=0.1)  # answers, but is not ComfyUI
+    await other.setup()
+    site = web.TCPSite(other, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with lb_over_sims(1) as (url, sims, cluster):
+            cluster.add_peer(BackendConfig(name="nobody", port=free_port()))
+            cluster.add_peer(BackendConfig(name="website", port=other.addresses[0][1]))
+            errors = lambda: {n: cluster.peers[n].health.last_error for n in ("nobody", "website")}  # noqa: E731
+            await wait_for(lambda: all(errors().values()), cluster)
+            assert "nothing listens at http://127.0.0.1:" in errors()["nobody"]
+            assert "answers, but is not ComfyUI" in errors()["website"]
+    finally:
+        await other.cleanup()
+
+
+async def test_peers_say_whether_they_come_from_the_config_or_were_added_at_runtime():
+    async with lb_over_sims(2) as (url, sims, cluster):
+        async with Client(url) as c:
+            async with c.session.delete(url + "/lb/backends/sim1") as r:
+                assert r.status == 200
+            await wait_for(lambda: "sim1" not in cluster.peers, cluster)
+            status, body = await c.post("/lb/backends", {"name": "extra", "host": "127.0.0.1", "port": sims[1].port})
+            assert status == 201 and body["source"] == "runtime"
+            _, listed = await c.get("/lb/backends")
+            assert {b["name"]: b["source"] for b in listed["backends"]} == {"sim0": "config", "extra": "runtime"}

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.integration.test_panel import ARGS, CHROMIUM
 
 pytestmark = pytest.mark.real
 
@@ -58,20 +55,6 @@ WATCH = """
 """
 
 
-@pytest.fixture(scope="module")
-async def browser():
-    playwright = pytest.importorskip("playwright.async_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Debian's chromium is needed at {CHROMIUM} (scripts/test.sh installs it)")
-    async with playwright.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        await b.close()
-
-
-@pytest.fixture
-def shots(workdir):
-    return Path(os.environ.get("COMFYLB_SCREENSHOT_DIR") or workdir)
 
 
 class Ui:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,26 +15,6 @@ from tests.conftest import COORD_TOKEN, peer_backend
 
 pytestmark = pytest.mark.real
 
-CHROMIUM = os.environ.get("COMFYLB_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="session")
-async def browser():
-    playwright = pytest.importorskip("playwright.async_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Debian's chromium is needed at {CHROMIUM} (scripts/test.sh installs it)")
-    async with playwright.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        await b.close()
-
-
-@pytest.fixture
-def shots(workdir):
-    """Where screenshots go: docs/ when COMFYLB_SCREENSHOT_DIR says so, else the test dir."""
-    return Path(os.environ.get("COMFYLB_SCREENSHOT_DIR") or workdir)
 
 
 async def open_page(browser, url: str, width: int = 1280):

@@ -35,6 +35,23 @@ CREATE TABLE IF NOT EXISTS tasks (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_live ON tasks (state);
+-- A task's changing state lives apart from its body: SQLite rewrites a whole row at every
+-- update, and a body can be tens of MB.  A task with no row here is as first written.
+CREATE TABLE IF NOT EXISTS task_state (
+    prompt_id TEXT PRIMARY KEY, state TEXT NOT NULL, peer TEXT, attempts INTEGER NOT NULL, error TEXT,
+    dispatched_at REAL, started_at REAL, finished_at REAL, attempt_log TEXT NOT NULL
+);
+CREATE VIEW IF NOT EXISTS task_view AS SELECT t.prompt_id, t.body,
+    CASE WHEN s.prompt_id IS NULL THEN t.state ELSE s.state END AS state,
+    CASE WHEN s.prompt_id IS NULL THEN t.peer ELSE s.peer END AS peer,
+    CASE WHEN s.prompt_id IS NULL THEN t.attempts ELSE s.attempts END AS attempts,
+    CASE WHEN s.prompt_id IS NULL THEN t.error ELSE s.error END AS error,
+    CASE WHEN s.prompt_id IS NULL THEN t.dispatched_at ELSE s.dispatched_at END AS dispatched_at,
+    CASE WHEN s.prompt_id IS NULL THEN t.started_at ELSE s.started_at END AS started_at,
+    CASE WHEN s.prompt_id IS NULL THEN t.finished_at ELSE s.finished_at END AS finished_at,
+    CASE WHEN s.prompt_id IS NULL THEN t.attempt_log ELSE s.attempt_log END AS attempt_log,
+    t.created
+    FROM tasks t LEFT JOIN task_state s ON s.prompt_id = t.prompt_id;
 CREATE TABLE IF NOT EXISTS history (prompt_id TEXT PRIMARY KEY, position INTEGER NOT NULL, entry TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS history_order ON history (position);
 CREATE TABLE IF NOT EXISTS peers (name TEXT PRIMARY KEY, config TEXT NOT NULL);
@@ -155,33 +172,55 @@ class Store:
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, t: Task) -> None:
         """A new prompt, durably: StoreError if it is not on disk (the prompt is refused)."""
-        if not self._write(*_task_row(t)):
+        if not self._transaction([_task_row(t), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))]):
             raise StoreError(f"the coordinator cannot store the prompt ({self.problem})")
 
     def delete_task(self, prompt_id: str) -> None:
-        self._write("DELETE FROM tasks WHERE prompt_id=?", (prompt_id,))
+        self._transaction([("DELETE FROM tasks WHERE prompt_id=?", (prompt_id,)),
+                           ("DELETE FROM task_state WHERE prompt_id=?", (prompt_id,))])
 
     def update_task(self, t: Task) -> None:
+        state = ("INSERT OR REPLACE INTO task_state VALUES (?,?,?,?,?,?,?,?,?)",
+                 (t.prompt_id, t.state, t.peer, t.attempts, t.error, t.dispatched_at, t.started_at, t.finished_at,
+                  json.dumps(t.attempt_log)))
         if t.secrets_dropped:
-            t.secrets_dropped = False
-            self._write(*_task_row(t, public=True))  # a finished task keeps no Comfy.org keys on disk
+            t.secrets_dropped = False  # a finished task keeps no Comfy.org keys on disk: its body once more
+            self._transaction([_task_row(t, public=True), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))])
             return
-        self._write(
-            "UPDATE tasks SET state=?, peer=?, attempts=?, error=?, dispatched_at=?, started_at=?, finished_at=?,"
-            " attempt_log=? WHERE prompt_id=?",
-            (t.state, t.peer, t.attempts, t.error, t.dispatched_at, t.started_at, t.finished_at,
-             json.dumps(t.attempt_log), t.prompt_id))
+        self._write(*state)
 
     def load_tasks(self, finished: int) -> list[Task]:
         """Every unfinished task, and the newest `finished` finished ones, oldest first."""
-        live = self.db.execute("SELECT * FROM tasks WHERE state NOT IN (?,?,?) ORDER BY created", tuple(TERMINAL))
-        done = self.db.execute("SELECT * FROM (SELECT * FROM tasks WHERE state IN (?,?,?) ORDER BY created DESC"
+        live = self.db.execute("SELECT * FROM task_view WHERE state NOT IN (?,?,?) ORDER BY created", tuple(TERMINAL))
+        done = self.db.execute("SELECT * FROM (SELECT * FROM task_view WHERE state IN (?,?,?) ORDER BY created DESC"
                                " LIMIT ?) ORDER BY created", (*TERMINAL, finished))
         return _readable(self._task, list(done) + list(live), "task")
 
     def prune_tasks(self, keep: int) -> None:
-        self._write("DELETE FROM tasks WHERE state IN (?,?,?) AND prompt_id NOT IN (SELECT prompt_id FROM tasks"
-                    " WHERE state IN (?,?,?) ORDER BY created DESC LIMIT ?)", (*TERMINAL, *TERMINAL, keep))
+        self._transaction([
+            ("DELETE FROM tasks WHERE prompt_id IN (SELECT prompt_id FROM task_view WHERE state IN (?,?,?)"
+             " AND prompt_id NOT IN (SELECT prompt_id FROM task_view WHERE state IN (?,?,?) ORDER BY created DESC"
+             " LIMIT ?))", (*TERMINAL, *TERMINAL, keep)),
+            ("DELETE FROM task_state WHERE prompt_id NOT IN (SELECT prompt_id FROM tasks)", ())])
+
+    def _transaction(self, statements: list[tuple[str, Any]]) -> bool:
+        """Several writes, all or none."""
+        if not self._write("BEGIN"):
+            return False
+        for sql, params in statements:
+            if not self._write(sql, params):
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                return False
+        if self._write("COMMIT"):
+            return True
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        return False
 
     @staticmethod
     def _task(row: sqlite3.Row | tuple) -> Task:

@@ -136,3 +136,16 @@ async def test_results_that_came_while_the_client_was_away_reach_it_when_it_is_b
             runs = [c._track(pid) for pid in ids]
             await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs)), 10)
             assert all("execution_success" in r.types() for r in runs)
+
+
+async def test_a_tasks_changing_state_never_rewrites_its_prompt(tmp_path, sims):
+    """SQLite rewrites a whole row at every update: the prompt (up to 32 MB) is written once."""
+    async with coordinator(tmp_path, sims) as (cluster, url):
+        async with Client(url) as c:
+            run = await c.run(sleep_prompt(0.01))
+    with sqlite3.connect(tmp_path / "comfylb.db") as con:
+        (first,) = con.execute("SELECT state FROM tasks WHERE prompt_id=?", (run.prompt_id,)).fetchone()
+        (now,) = con.execute("SELECT state FROM task_state WHERE prompt_id=?", (run.prompt_id,)).fetchone()
+    assert (first, now) == ("queued", "done")
+    async with coordinator(tmp_path, sims) as (cluster, url):
+        assert cluster.record[run.prompt_id].state == "done"

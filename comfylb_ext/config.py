@@ -106,6 +106,9 @@ class StorageConfig:
     # first viewed, or when their prompt finishes (prefetch_outputs).
     view_cache_mb: int = 2048
     prefetch_outputs: bool = True
+    # Peers added at runtime (POST /lb/backends, the panel) come back after a restart;
+    # false: the config alone says which peers there are, and those are forgotten.
+    keep_runtime_peers: bool = True
 
 
 @dataclass

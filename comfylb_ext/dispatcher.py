@@ -105,7 +105,10 @@ class Cluster(Recovery):
         for b in self.cfg.backends:
             self.add_peer(b)
         for b in self.db.load_peers():
-            if b.name not in self.peers:
+            if not self.cfg.storage.keep_runtime_peers:
+                self.db.delete_peer(b.name)
+                log.info("peer %s, added at runtime, forgotten (storage.keep_runtime_peers is false)", b.name)
+            elif b.name not in self.peers:
                 self.runtime_peers[b.name] = b
                 self.add_peer(b)
         self._restore()

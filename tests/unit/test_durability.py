@@ -149,3 +149,17 @@ async def test_a_tasks_changing_state_never_rewrites_its_prompt(tmp_path, sims):
     assert (first, now) == ("queued", "done")
     async with coordinator(tmp_path, sims) as (cluster, url):
         assert cluster.record[run.prompt_id].state == "done"
+
+
+async def test_runtime_peers_come_back_unless_the_config_says_otherwise(tmp_path, sims):
+    async with coordinator(tmp_path, sims[:1]) as (cluster, url):
+        async with Client(url) as c:
+            status, _ = await c.post("/lb/backends", {"name": "added", "host": "127.0.0.1", "port": sims[1].port})
+            assert status == 201
+    async with coordinator(tmp_path, sims[:1]) as (cluster, url):
+        assert cluster.peers["added"].source == "runtime"
+    async with coordinator(tmp_path, sims[:1], storage={"dir": str(tmp_path), "keep_runtime_peers": False}) as (
+            cluster, url):
+        assert set(cluster.peers) == {"sim0"}
+    async with coordinator(tmp_path, sims[:1]) as (cluster, url):
+        assert set(cluster.peers) == {"sim0"}  # forgotten for good

@@ -4,6 +4,7 @@ import asyncio
 import uuid
 
 from tests.client import Client, sleep_prompt
+from tests.peers import hostile_peer
 from tests.simcluster import lb_over_sims, wait_for
 
 
@@ -194,33 +195,13 @@ async def test_a_deprecated_node_the_peers_replace_is_accepted_and_runs_replaced
 async def test_object_info_answers_while_a_peer_never_does():
     """The newest web UI gives up on a request after 60 s: a peer that never answers
     /object_info must not hold the cluster's answer."""
-    from aiohttp import web
-
-    async def ws(request):
-        sock = web.WebSocketResponse()
-        await sock.prepare(request)
-        await sock.send_json({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "x"}})
-        async for _ in sock:
-            pass
-        return sock
-
-    async def stats(request):
-        return web.json_response({"system": {}, "devices": []})
-
     async def hang(request):
         await asyncio.Event().wait()
 
-    app = web.Application()
-    app.add_routes([web.get("/ws", ws), web.get("/system_stats", stats), web.get("/object_info", hang),
-                    web.get("/node_replacements", hang)])
-    runner = web.AppRunner(app, shutdown_timeout=0.1)  # its handlers never return
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
+    async with hostile_peer({("GET", "/object_info"): hang, ("GET", "/node_replacements"): hang}) as (port, _):
         async with lb_over_sims(1) as (url, sims, cluster):
             from comfylb_ext.config import BackendConfig
-            cluster.add_peer(BackendConfig(name="stuck", port=runner.addresses[0][1]))
+            cluster.add_peer(BackendConfig(name="stuck", port=port))
             await wait_for(lambda: cluster.peers["stuck"].available, cluster)
             cluster._catalog = None
             for p in cluster.peers.values():
@@ -228,5 +209,3 @@ async def test_object_info_answers_while_a_peer_never_does():
             async with Client(url) as c:
                 status, info = await asyncio.wait_for(c.get("/object_info"), 30)
                 assert status == 200 and "EmptyImage" in info
-    finally:
-        await runner.cleanup()

@@ -1,12 +1,11 @@
 """Peers and clients that lie, stall or send too much: nothing they do reaches another
 peer's routes or files, breaks the cluster for everyone, or holds memory.
 
-Each hostile peer is a small aiohttp server written here (`hostile_peer`), added to a
+Each hostile peer is a small aiohttp server (tests/peers.py `hostile_peer`), added to a
 balancer over simulated peers at runtime."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from urllib.parse import unquote
@@ -24,6 +23,7 @@ from comfylb_ext.outputs import claimable
 from comfylb_ext.peer import PeerError, checked_path, clean_system_stats
 from comfylb_ext.sim import catalog as sim_catalog
 from tests.client import Client, sleep_prompt
+from tests.peers import answer, hostile_peer
 from tests.simcluster import lb_over_sims, wait_for
 
 
@@ -32,56 +32,6 @@ def strict_json(text: str | bytes):
     def refuse(name):
         raise ValueError(f"{name} in JSON")
     return json.loads(text, parse_constant=refuse)
-
-
-def answer(body, **kw):
-    """A handler that always answers `body` as JSON."""
-    async def handler(request):
-        return web.json_response(body, **kw)
-    return handler
-
-
-@contextlib.asynccontextmanager
-async def hostile_peer(routes: dict | None = None, ws=None):
-    """A peer written for the test: a minimal ComfyUI (websocket, /system_stats,
-    /object_info, …) whose routes the test replaces; every path it receives, raw, is in
-    the list it yields."""
-    seen: list[str] = []
-
-    @web.middleware
-    async def record(request, handler):
-        seen.append(request.raw_path)
-        return await handler(request)
-
-    async def default_ws(request):
-        sock = web.WebSocketResponse()
-        await sock.prepare(request)
-        await sock.send_json({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "x"}})
-        async for _ in sock:
-            pass
-        return sock
-
-    async def stats(request):
-        return web.json_response({"system": {"os": "hostile"}, "devices": []})
-
-    async def anything(request):
-        return web.json_response({})
-
-    table = {("GET", "/ws"): ws or default_ws, ("GET", "/system_stats"): stats,
-             ("GET", "/object_info"): answer(sim_catalog([], ["sim-a.safetensors"])),
-             ("GET", "/node_replacements"): answer({}), **(routes or {})}
-    app = web.Application(middlewares=[record], client_max_size=1 << 30)
-    for (method, path), handler in table.items():
-        app.router.add_route(method, path, handler)
-    app.router.add_route("*", "/{tail:.*}", anything)
-    runner = web.AppRunner(app, shutdown_timeout=0.1, access_log=None)  # some handlers never return
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield runner.addresses[0][1], seen
-    finally:
-        await runner.cleanup()
 
 
 async def add(cluster, name: str, port: int, available: bool = True, **kw):

@@ -35,6 +35,7 @@ class _Client:
     held: dict[str, list[tuple[Send, int]]] = field(default_factory=dict)
     ended: set[str] = field(default_factory=set)  # ended while held: released with the rest
     held_bytes: int = 0
+    held_count: int = 0
     live: bool = False              # held too much: everything goes out as it comes
 
 
@@ -54,7 +55,7 @@ class Delivery:
 
     def held(self, client_id: str) -> int:
         c = self._clients.get(client_id)
-        return sum(len(v) for v in c.held.values()) if c else 0
+        return c.held_count if c else 0
 
     async def send(self, client_id: str | None, prompt_id: str | None, send: Send, size: int = 0,
                    interleave: bool = False) -> None:
@@ -69,7 +70,8 @@ class Delivery:
             return
         c.held.setdefault(prompt_id, []).append((send, size))
         c.held_bytes += size
-        if sum(len(v) for v in c.held.values()) > HELD_MAX or c.held_bytes > HELD_BYTES_MAX:
+        c.held_count += 1
+        if c.held_count > HELD_MAX or c.held_bytes > HELD_BYTES_MAX:
             log.warning("client %s: %d bytes held for prompts waiting their turn; it gets them live from now on",
                         client_id, c.held_bytes)
             c.live = True
@@ -99,6 +101,7 @@ class Delivery:
         c.ended.discard(prompt_id)
         for _, size in c.held.pop(prompt_id, []):
             c.held_bytes -= size
+            c.held_count -= 1
 
     async def _advance(self, client_id: str, c: _Client) -> None:
         """The next prompt in queue order gets its turn: what it said so far goes out."""
@@ -106,9 +109,12 @@ class Delivery:
             head = c.order[0][1]
             c.flushing = head
             queue = c.held.get(head, [])
-            while queue:  # messages arriving meanwhile join the end of this list
-                send, size = queue.pop(0)
+            sent = 0
+            while sent < len(queue):  # messages arriving meanwhile join the end of this list
+                send, size = queue[sent]
+                sent += 1
                 c.held_bytes -= size
+                c.held_count -= 1
                 await send()
             c.held.pop(head, None)
             c.flushing = None
@@ -123,4 +129,4 @@ class Delivery:
         for _, pid in list(c.order):
             for send, _ in c.held.pop(pid, []):
                 await send()
-        c.held_bytes = 0
+        c.held_bytes = c.held_count = 0

@@ -34,7 +34,7 @@ from .scheduler import SchedulerState, longest_first, pick
 from .store import Snapshot, Store, StoreError
 from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, Task,
                     TaskQueue)
-from .uploads import InputStore, split_annotation
+from .uploads import InputStore, file_ref
 from .outputs import Outputs, ViewCache
 
 log = logging.getLogger(__name__)
@@ -428,11 +428,8 @@ class Cluster(Recovery):
 
     def _known_file(self, value: str) -> bool:
         """A file a prompt names is here (uploaded) or on a peer (an output it made)."""
-        if self.store.has(value):
-            return True
-        name, typ = split_annotation(value)
-        sub, _, base = name.replace("\\", "/").rpartition("/")
-        return self.outputs.holder(typ or "input", sub, base) is not None
+        ref = file_ref(value)
+        return ref is not None and (self.store.lookup(*ref) is not None or self.outputs.holder(*ref) is not None)
 
     # -- dispatch ------------------------------------------------------------------
     def pump(self) -> None:

@@ -41,6 +41,16 @@ def split_annotation(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def file_ref(value: object) -> tuple[str, str, str] | None:
+    """(type, subfolder, filename) a prompt's string input names: `name.png`,
+    `sub/name.png`, `name.png [output]`; None for what cannot be a file name."""
+    if not isinstance(value, str) or not value or len(value) > 1024 or "\n" in value:
+        return None
+    name, typ = split_annotation(value)
+    sub, _, base = name.replace("\\", "/").rpartition("/")
+    return typ or "input", sub, base
+
+
 def _exists(path: Path) -> bool:
     try:
         return path.exists()
@@ -129,17 +139,9 @@ class InputStore:
         return StoredFile(typ, subfolder, filename, digest) if digest else None
 
     def named(self, value: object) -> StoredFile | None:
-        """The stored file a prompt's string input names (`name.png`, `sub/name.png`,
-        `name.png [output]`), if any."""
-        if not isinstance(value, str) or not value or len(value) > 1024 or "\n" in value:
-            return None
-        name, typ = split_annotation(value)
-        sub, _, base = name.replace("\\", "/").rpartition("/")
-        return self.lookup(typ or "input", sub, base)
-
-    def has(self, value: str) -> bool:
-        """What ComfyUI's LoadImage checks at submit: the file is here."""
-        return self.named(value) is not None
+        """The stored file a prompt's string input names, if any."""
+        ref = file_ref(value)
+        return self.lookup(*ref) if ref is not None else None
 
     def path_of(self, f: StoredFile) -> Path:
         return self.resolve(f.type, f.subfolder, f.filename)

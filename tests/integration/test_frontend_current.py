@@ -295,3 +295,35 @@ async def test_cancel_from_the_job_queue(browser, coordinator_current, peers, sh
         await ui.assert_clean()
     finally:
         await page.close()
+
+
+def _lb(coord, path: str) -> int:
+    req = urllib.request.Request(f"{coord.url}{path}", data=b"{}", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status
+
+
+async def test_a_prompt_that_waits_for_no_peer_is_shown_as_waiting(browser, coordinator_current, peers, shots):
+    """Run with every peer disabled: the web UI says the prompt waits, and why; it runs
+    once a peer is back."""
+    ui = await open_ui(browser, coordinator_current)
+    page = ui.page
+    names = [p.name for p in peers[:2]]
+    try:
+        for name in names:
+            assert await asyncio.to_thread(_lb, coordinator_current, f"/lb/backends/{name}/disable") == 200
+        await ui.load(sleep_workflow(0.1, random.randrange(1 << 24)), "fe158-waiting")
+        pid = await ui.run()
+        toast = page.get_by_text("ComfyLB: prompt waiting")
+        await ui.wait(toast.first, 20000)
+        assert "no peer is available" in await page.get_by_text("no peer is available").first.inner_text()
+        await page.screenshot(path=str(shots / "fe158-waiting.png"))
+    finally:
+        for name in names:
+            await asyncio.to_thread(_lb, coordinator_current, f"/lb/backends/{name}/enable")
+    try:
+        await peer_history(peers[:2], pid, 60)
+        assert not [e for e in ui.errors if "comfylb" in e.lower()], ui.errors
+    finally:
+        await page.close()

@@ -16,9 +16,17 @@ async def test_prompts_waiting_for_no_peer_say_why(caplog):
             _, stats = await c.get("/lb/stats")
             assert stats["waiting"] == "no peer is available: sim0 is disabled"
             assert any("prompt(s) wait: no peer is available" in r.getMessage() for r in caplog.records)
+            # the submitter is told on its socket, without the peers' names (any client reads it)
+            await c.until(lambda: "comfylb.waiting" in run.types())
+            told = run.first("comfylb.waiting")
+            assert "no peer is available" in told["reason"] and "sim0" not in told["reason"]
+            async with Client(url) as other:  # a second prompt while the wait lasts is told too
+                _, _, run2 = await other.queue(sleep_prompt(0.01))
+                await other.until(lambda: "comfylb.waiting" in run2.types())
             await c.post("/lb/backends/sim0/enable")
             await asyncio.wait_for(run.done.wait(), 10)
             await wait_for(lambda: cluster.stats()["waiting"] is None, cluster)
+            assert run.types().count("comfylb.waiting") == 1
 
 
 def test_the_demo_keeps_its_own_state(tmp_path, monkeypatch):

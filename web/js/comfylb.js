@@ -12,6 +12,17 @@ const listeners = new Set();
 // Registered at import: the frontend only dispatches custom events that have a listener.
 api.addEventListener(STATUS_EVENT, (e) => listeners.forEach((cb) => cb(e.detail)));
 
+// A prompt this client queued waits for a peer (none is available): said once per spell
+// of waiting, not once per prompt, until a prompt of this client's starts again.
+let toldWaiting = false;
+api.addEventListener("comfylb.waiting", (e) => {
+  if (toldWaiting) return;
+  toldWaiting = true;
+  app.extensionManager?.toast?.add({ severity: "warn", summary: "ComfyLB: prompt waiting",
+    detail: e.detail?.reason ? String(e.detail.reason) : "no peer is available", life: 10000 });
+});
+api.addEventListener("execution_start", () => { toldWaiting = false; });
+
 // ComfyLB gives each client one prompt's messages at a time, as one ComfyUI would, unless
 // the client says it can show several running prompts at once — as this web UI can.  The
 // flag goes out with the socket's first message; a socket opened before this extension

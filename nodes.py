@@ -13,12 +13,12 @@ class ComfyLBRoute:
     FUNCTION = "route"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {"target": ("STRING", {
             "default": "", "multiline": False,
             "tooltip": "Peer names or tags, comma-separated. Empty: any peer."})}}
 
-    def route(self, target):
+    def route(self, target: str) -> tuple:
         return ()
 
 

@@ -15,6 +15,9 @@ from .config import Config, ConfigError, check_port, load
 from .store import StoreError
 
 log = logging.getLogger("comfylb_ext")
+# Seconds requests still in progress at SIGTERM get to finish (aiohttp's default is 60):
+# the state is in the database already, and a client retries or reconnects.
+SHUTDOWN_WITHIN = 2.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +57,7 @@ async def _serve(cfg: Config, demo: bool) -> None:
             cfg.backends.append(BackendConfig(name=f"sim-{i}", host="127.0.0.1", port=server.port, max_queue=2))
         log.info("demo: two SIMULATED ComfyUI peers (no real ComfyUI, no GPU): %s",
                  ", ".join(b.url for b in cfg.backends[-2:]))
-    runner = web.AppRunner(build_app(cfg), handle_signals=False,
+    runner = web.AppRunner(build_app(cfg), handle_signals=False, shutdown_timeout=SHUTDOWN_WITHIN,
                            access_log=logging.getLogger("aiohttp.access") if cfg.server.debug else None)
     await runner.setup()
     site = web.TCPSite(runner, cfg.server.host, cfg.server.port)

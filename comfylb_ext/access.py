@@ -14,7 +14,7 @@ import re
 import socket
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
-from typing import Mapping
+from typing import Any, Mapping
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
@@ -103,7 +103,7 @@ def is_loopback_host(host: str) -> bool:
         found = {a[4][0] for a in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
     except (OSError, UnicodeError):
         return False
-    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+    return bool(found) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in found)
 
 
 def listens_beyond_loopback(listen: str) -> bool:
@@ -174,7 +174,7 @@ class Access:
     config: str | None = None           # where a token would be set, for messages
 
     @classmethod
-    def of(cls, cfg: Config, **kw) -> "Access":
+    def of(cls, cfg: Config, **kw: Any) -> "Access":
         lb, api = configured_tokens(cfg)
         return cls(lb_token=lb, api_token=api, origins=frozenset(cfg.server.allowed_origins), config=cfg.source, **kw)
 
@@ -227,12 +227,12 @@ def _error(status: int, message: str) -> web.Response:
 
 def cross_site_refusal(path: str) -> web.Response:
     """A cross-site request refused: {"error"} on /lb/*, ComfyUI's error shape elsewhere."""
-    from .validation import _err, error_body
+    from . import errors
 
     if path.startswith(("/lb/", "/api/lb/")):
         return _error(403, ORIGIN_REFUSED)
-    return web.json_response(error_body(_err("forbidden", "Cross-site request refused: its Origin is not allowed",
-                                             ORIGIN_REFUSED)), status=403)
+    refused = errors.error("forbidden", "Cross-site request refused: its Origin is not allowed", ORIGIN_REFUSED)
+    return web.json_response(errors.error_body(refused), status=403)
 
 
 # -- files -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 Model = tuple[str, str, str]  # (class_type, input name, value)
 
@@ -27,7 +28,9 @@ class Requirements:
 
 
 def requirements(prompt: dict) -> Requirements:
-    classes, models, nodes = set(), set(), []
+    classes: set[str] = set()
+    models: set[Model] = set()
+    nodes: list[tuple[str, str, tuple[Model, ...]]] = []
     for nid, node in prompt.items():
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
             continue
@@ -54,13 +57,14 @@ def cache_keys(prompt: dict) -> frozenset[int]:
             if nid in keys or not isinstance(node, dict) or (not ready and nid in entered):
                 continue
             entered.add(nid)
-            inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
+            inputs: dict = node["inputs"] if isinstance(node.get("inputs"), dict) else {}
             links = {name: str(v[0]) for name, v in inputs.items()
                      if isinstance(v, list) and len(v) == 2 and str(v[0]) in prompt}
             if not ready:
                 stack.append((nid, True))
                 stack.extend((up, False) for up in links.values() if up not in keys)
                 continue
+            parts: tuple
             try:
                 parts = tuple((name, keys.get(links[name], 0), _frozen(inputs[name][1])) if name in links
                               else (name, _frozen(inputs[name])) for name in sorted(inputs, key=str))
@@ -70,7 +74,7 @@ def cache_keys(prompt: dict) -> frozenset[int]:
     return frozenset(keys.values())
 
 
-def _frozen(value):
+def _frozen(value: Any) -> Any:
     """A hashable stand-in for a JSON value: a string as it is (Python keeps a string's
     hash, so a large one costs its size once, not at every prompt that holds it), anything
     else as its JSON (1, 1.0 and true differ, as inputs)."""
@@ -150,7 +154,7 @@ def _with_combos_of(base: dict, other: dict) -> dict:
     return out if out is not None else base
 
 
-def _combo_list(spec) -> list | None:
+def _combo_list(spec: Any) -> list | None:
     if not isinstance(spec, list) or not spec:
         return None
     if isinstance(spec[0], list):
@@ -160,7 +164,7 @@ def _combo_list(spec) -> list | None:
     return None
 
 
-def _combo(spec) -> frozenset[str] | None:
+def _combo(spec: Any) -> frozenset[str] | None:
     """The values of a combo input, in either of ComfyUI's spellings, else None."""
     if not isinstance(spec, list) or not spec:
         return None

@@ -12,8 +12,25 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-STRATEGIES = ("least_busy", "round_robin", "weighted")
-ORDERS = ("fifo", "longest_first")
+from .textenum import TextEnum
+
+
+
+class Strategy(TextEnum):
+    """Which peer gets the next prompt (scheduler.py)."""
+    LEAST_BUSY = "least_busy"
+    ROUND_ROBIN = "round_robin"
+    WEIGHTED = "weighted"
+
+
+class Order(TextEnum):
+    """Which queued prompt goes next: ComfyUI's order, or predicted longest first (batch makespan)."""
+    FIFO = "fifo"
+    LONGEST_FIRST = "longest_first"
+
+
+STRATEGIES = Strategy.names()
+ORDERS = Order.names()
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -46,10 +63,10 @@ class ServerConfig:
 
 @dataclass
 class SchedulerConfig:
-    strategy: str = "least_busy"
+    strategy: Strategy = Strategy.LEAST_BUSY
     prefer_idle: bool = True
     affinity: bool = True  # keep prompts on peers that already have their models loaded
-    order: str = "fifo"    # "longest_first": predicted longest prompts first, for batch makespan
+    order: Order = Order.FIFO
 
 
 @dataclass
@@ -138,7 +155,9 @@ class Config:
     source: str | None = None
 
 
-_TYPES = {"float": float, "int": int, "bool": bool, "str": str, "list": list, "dict": dict}
+# read as text; checked against their members once the section is read
+_TYPES = {"float": float, "int": int, "bool": bool, "str": str, "list": list, "dict": dict, "Strategy": str,
+          "Order": str}
 
 
 def _check_type(path: str, value: Any, typ: type) -> Any:
@@ -169,13 +188,13 @@ def _check_type(path: str, value: Any, typ: type) -> Any:
     raise AssertionError(typ)
 
 
-def _section(cls, raw: Any, path: str, **extra):
+def _section(cls: Any, raw: Any, path: str, **extra: Any) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(path, f"expected a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = {name: _TYPES[f.type] for name, f in fields.items()}
+    hints = {name: _TYPES[str(f.type)] for name, f in fields.items()}
     values = dict(extra)
     for key, value in raw.items():
         if key not in fields:
@@ -281,6 +300,7 @@ def _parse(raw: Any, source: str | None) -> Config:
     if cfg.scheduler.strategy not in STRATEGIES:
         raise ConfigError("scheduler.strategy",
                           f"unknown strategy {cfg.scheduler.strategy!r} (one of {', '.join(STRATEGIES)})")
+    cfg.scheduler.order, cfg.scheduler.strategy = Order(cfg.scheduler.order), Strategy(cfg.scheduler.strategy)
     hc = cfg.health_check
     for name in ("interval", "timeout"):
         if getattr(hc, name) <= 0:

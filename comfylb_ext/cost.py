@@ -36,7 +36,7 @@ def shape(prompt: dict) -> Shape:
         node = prompt[node_id]
         if not isinstance(node, dict):
             continue
-        inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
+        inputs: dict = node["inputs"] if isinstance(node.get("inputs"), dict) else {}
         entry: list[Any] = [node_id, node.get("class_type")]
         for name in sorted(inputs):
             value = inputs[name]

@@ -80,7 +80,7 @@ class Delivery:
     async def end(self, client_id: str | None, prompt_id: str) -> None:
         """The prompt will send nothing more (finished, failed, cancelled, deleted)."""
         c = self._clients.get(client_id) if client_id else None
-        if c is None:
+        if c is None or client_id is None:
             return
         if prompt_id != c.current:
             if prompt_id in c.held or prompt_id == c.flushing:

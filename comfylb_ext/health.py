@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from .config import HealthCheckConfig
 
@@ -63,7 +63,7 @@ class HealthChecker:
     """Runs `check(peer)` for every peer each `interval`, all peers at once."""
 
     def __init__(self, cfg: HealthCheckConfig, peers: Callable[[], Iterable],
-                 check: Callable[[object], Awaitable[None]]) -> None:
+                 check: Callable[[Any], Awaitable[None]]) -> None:
         self.cfg = cfg
         self._peers = peers
         self._check = check

@@ -2,7 +2,7 @@
 
 Entries are kept in completion order and numbered in completion order: ComfyUI's frontend
 only appends history items whose `prompt[0]` is larger than the newest it has seen, so with
-parallel peers the number must grow with completion, not with submission (api.md §2.5).
+parallel peers the number must grow with completion, not with submission (checked on a live server).
 """
 from __future__ import annotations
 

@@ -7,56 +7,58 @@ cluster has its own registry (several may live in one process, in tests).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .peer import Peer
 
 log = logging.getLogger(__name__)
 
-try:
-    from prometheus_client import CollectorRegistry, Histogram, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST
-except ImportError:  # optional: /lb/metrics then says how to get it
-    CollectorRegistry = None
 
-if TYPE_CHECKING:
-    from .dispatcher import Cluster
+class TaskCounts(Protocol):
+    """What the metrics read of the task ledger."""
+
+    @property
+    def counts(self) -> Mapping[str, int]: ...
+    def queue_depth(self) -> int: ...
+    def remaining(self) -> int: ...
+
 
 JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
-    def __init__(self, cluster: "Cluster") -> None:
-        self.enabled = CollectorRegistry is not None
-        if not self.enabled:
-            return
+    def __init__(self, peers: Callable[[], Iterable[Peer]], tasks: TaskCounts) -> None:
         self.registry = CollectorRegistry()
         self.job_seconds = Histogram("comfylb_job_duration_seconds", "Time from execution_start to its end, per peer",
                                      ["peer"], buckets=JOB_BUCKETS, registry=self.registry)
         self.gap_seconds = Histogram("comfylb_dispatch_gap_seconds",
                                      "From a peer freeing a slot while work waited to its next prompt being sent",
                                      ["peer"], buckets=GAP_BUCKETS, registry=self.registry)
-        self.registry.register(_ClusterCollector(cluster))
+        self.registry.register(_ClusterCollector(peers, tasks))
 
     def job(self, peer: str, seconds: float) -> None:
-        if self.enabled:
-            self.job_seconds.labels(peer).observe(seconds)
+        self.job_seconds.labels(peer).observe(seconds)
 
     def gap(self, peer: str, seconds: float) -> None:
-        if self.enabled:
-            self.gap_seconds.labels(peer).observe(seconds)
+        self.gap_seconds.labels(peer).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class _ClusterCollector:
-    def __init__(self, cluster: "Cluster") -> None:
-        self.cluster = cluster
+    def __init__(self, peers: Callable[[], Iterable[Peer]], tasks: TaskCounts) -> None:
+        self.peers = peers
+        self.tasks = tasks
 
-    def collect(self):
-        c = self.cluster
-        peers = list(c.peers.values())
+    def collect(self) -> Iterator[Metric]:
+        c = self.tasks
+        peers = list(self.peers())
         gauges = {
             "comfylb_peer_in_flight": ("Prompts held on the peer (running + waiting in its queue)",
                                        lambda p: len(p.inflight)),
@@ -75,9 +77,9 @@ class _ClusterCollector:
             jobs.add_metric([p.name, "success"], p.jobs_done - p.jobs_failed)
             jobs.add_metric([p.name, "error"], p.jobs_failed)
         yield jobs
-        yield GaugeMetricFamily("comfylb_queue_depth", "Prompts waiting in the coordinator", value=len(c.queue))
+        yield GaugeMetricFamily("comfylb_queue_depth", "Prompts waiting in the coordinator", value=c.queue_depth())
         yield GaugeMetricFamily("comfylb_queue_remaining", "Unfinished prompts (ComfyUI's queue_remaining)",
-                                value=c.queue_remaining())
+                                value=c.remaining())
         tasks = CounterMetricFamily("comfylb_tasks", "Prompts by what happened to them", labels=["event"])
         for key in ("submitted", "completed", "failed", "cancelled", "retried", "rebalanced"):
             tasks.add_metric([key], c.counts.get(key, 0))

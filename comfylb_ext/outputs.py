@@ -14,15 +14,17 @@ import asyncio
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import urlencode
 
 import aiohttp
 
 from .access import relayed_file_headers
 from .peer import Peer, PeerError
-from .store import Store
+from .store import StateStore
+from .uploads import TYPES, InputStore, split_annotation
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +243,7 @@ def claimable(peer: str, key: tuple[str, str, str], holder: str | None = None) -
 class Outputs:
     """Which peer holds each output file (kept in the state database), and the copies."""
 
-    def __init__(self, db: Store, cache: ViewCache, max_size: int, prefetch: bool,
+    def __init__(self, db: StateStore, cache: ViewCache, max_size: int, prefetch: bool,
                  spawn: Callable, changed: Callable[[], None]) -> None:
         self.db = db
         self.cache = cache
@@ -316,3 +318,134 @@ class Outputs:
             self.copies.drop(taken)
             return None, upstream
         return taken, upstream
+
+
+# -- what a /view answers -----------------------------------------------------------------
+# One case each; the HTTP handler only turns the case into its response.
+
+@dataclass(frozen=True)
+class Refused:
+    """Not served: the status, with a text for people when there is more to say."""
+    status: int
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class HostsOwn:
+    """A file the ComfyUI this runs in serves itself (the extension's host)."""
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """A file on this machine: the copy of a peer's output, or an input stored here."""
+    path: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class Following:
+    """An output being copied from its peer: sent from its first byte as the rest arrives."""
+    copy: Copy
+
+
+@dataclass(frozen=True)
+class Filling:
+    """A new copy of an output: whoever receives this fills it from `upstream` (the peer's
+    answer) while sending it on, or followers wait on it forever."""
+    copy: Copy
+    upstream: aiohttp.ClientResponse
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """The peer's answer passed through: `upstream` when the peer was asked already, None
+    to ask it for the client's own query (it has the file, or can convert the input it
+    was just given)."""
+    peer: Peer
+    upstream: aiohttp.ClientResponse | None = None
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """The peer holding the file did not answer."""
+    peer: Peer
+    error: PeerError
+
+
+View = Refused | HostsOwn | OnDisk | Following | Filling | Relayed | Unreachable
+
+
+def view_target(query: Mapping[str, str]) -> tuple[str, str, str] | Refused:
+    """The (type, subfolder, file name) a /view query names, or its refusal, as ComfyUI
+    refuses it: nothing outside the type's folder is reachable by any spelling."""
+    if "filename" not in query:
+        return Refused(404)
+    name, annotated = split_annotation(query["filename"])
+    if not name or name[0] == "/" or ".." in name or "\x00" in name:
+        return Refused(400)
+    typ = annotated or query.get("type", "output")
+    if typ not in TYPES:
+        return Refused(400)
+    sub = query.get("subfolder", "")
+    if os.path.isabs(sub) or ".." in sub.replace("\\", "/").split("/") or "\x00" in sub:
+        return Refused(403)
+    return typ, sub, os.path.basename(name)
+
+
+async def find_view(outputs: Outputs, inputs: InputStore, query: Mapping[str, str], *,
+                    producer_of: Callable[[str, str, str], Peer | None], any_peer: Callable[[], Peer | None],
+                    own_files: bool) -> View:
+    """Where the file a /view query names comes from: a copy here, one on its way, a new
+    copy, the peer that made it, an input stored here, or a peer converting that input.
+    `own_files`: the host serves the files no peer produced (the extension)."""
+    target = view_target(query)
+    if isinstance(target, Refused):
+        return target
+    typ, sub, base = target
+    peer = producer_of(typ, sub, base)
+    if peer is not None and peer.name == outputs.own:
+        return HostsOwn()  # written by the ComfyUI this runs in
+    raw = "preview" not in query and query.get("channel", "rgba") == "rgba"
+    if typ == "output" and raw:
+        copied = await _copied_output(outputs, peer, sub, base)
+        if copied is not None:
+            return copied
+    if peer is not None:
+        return Relayed(peer)
+    if own_files:
+        return HostsOwn()
+    stored = inputs.lookup(typ, sub, base)
+    if stored is None:
+        return Refused(404)
+    if raw:
+        return OnDisk(inputs.path_of(stored), base)
+    # A converted view (preview/channel) needs an image library: let a peer do it.
+    converter = any_peer()
+    if converter is None:
+        return Refused(503, "no peer available to convert the image")
+    try:
+        await converter.deliver(stored, inputs.path_of(stored))
+    except PeerError as e:
+        return Refused(502, str(e))
+    return Relayed(converter)
+
+
+async def _copied_output(outputs: Outputs, peer: Peer | None, sub: str, base: str) -> View | None:
+    """An output as its copy here serves it (on disk, on its way, or started now), or
+    None: no copy is to be had, and the peer is asked as for any file."""
+    cached = outputs.cache.get(sub, base)
+    if cached is not None:
+        return OnDisk(cached, base)
+    if peer is None or not outputs.cache.enabled:
+        return None
+    try:
+        copy, upstream = await outputs.open(peer, sub, base)
+    except PeerError as e:
+        return Unreachable(peer, e)
+    if copy is None:
+        return Relayed(peer, upstream)  # not to be kept (too large, not a 200, …)
+    if upstream is not None:
+        return Filling(copy, upstream)
+    if await copy.opened():
+        return Following(copy)
+    return None  # the copy it would have followed was not to be (too large, not there, …)

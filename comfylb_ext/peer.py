@@ -143,7 +143,7 @@ class Peer:
         self.abandoned: set[str] = set()
         self.jobs_api = True  # until it answers /api/jobs with a 404 (ComfyUI before the jobs API)
         self._ws_task: asyncio.Task | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
 
     # -- state -----------------------------------------------------------------
     @property
@@ -169,6 +169,10 @@ class Peer:
         if predicted:
             pace = seconds / predicted
             self.pace = pace if self.pace is None else (1 - JOB_TIME_WEIGHT) * self.pace + JOB_TIME_WEIGHT * pace
+
+    @property
+    def tags(self) -> list[str]:
+        return self.cfg.tags
 
     def matches(self, targets: frozenset[str] | None) -> bool:
         """Whether a routing rule (peer names or tags) lets a prompt run here."""
@@ -269,7 +273,7 @@ class Peer:
         return URL(self.url + checked_path(path))
 
     async def request(self, method: str, path: str, *, timeout: float | None = None, max_size: int = MAX_BODY,
-                      headers: dict[str, str] | None = None, **kw) -> tuple[int, Any]:
+                      headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, Any]:
         """One HTTP call; returns (status, parsed JSON or text).  PeerError when unreachable,
         or when it answers more than `max_size` bytes, or JSON nested too deep, holding too
         many values or NaN (jsonsafe's peer limits)."""
@@ -331,7 +335,7 @@ class Peer:
         log.debug("peer %s: delivered %s", self.name, f.key)
 
     async def open_stream(self, method: str, path: str, headers: dict[str, str] | None = None,
-                          **kw) -> aiohttp.ClientResponse:
+                          **kw: Any) -> aiohttp.ClientResponse:
         """A response to stream through (caller releases it)."""
         try:
             return await self.session.request(method, self._url(path), headers={**(headers or {}), **self.headers},
@@ -371,7 +375,7 @@ class Peer:
         q = await self.get_json("/queue", max_size=4 * MAX_BODY)
         if not isinstance(q, dict):
             raise PeerError("GET /queue: not a JSON object")
-        ids = {key: {item[1] for item in (q.get(key) if isinstance(q.get(key), list) else [])
+        ids = {key: {item[1] for item in (q[key] if isinstance(q.get(key), list) else [])
                      if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str)}
                for key in ("queue_running", "queue_pending")}
         return ids["queue_running"], ids["queue_pending"]
@@ -455,3 +459,13 @@ async def _parse(raw: bytes | bytearray | str) -> Any:
     if len(raw) > jsonsafe.THREAD_ABOVE:
         return await asyncio.to_thread(jsonsafe.peer_loads, raw)
     return jsonsafe.peer_loads(raw)
+
+
+def why_unavailable(peers: list[Peer]) -> str:
+    """Why none of these peers takes work, for people."""
+    if not peers:
+        return "no peer is configured (add one under backends in the config, or POST /lb/backends)"
+    def state(p: Peer) -> str:
+        error = p.health.last_error or p.link_error
+        return f"{p.name} is {p.status}" + (f" ({error})" if p.status not in ("disabled", "healthy") and error else "")
+    return "no peer is available: " + "; ".join(state(p) for p in peers)

@@ -1,4 +1,4 @@
-"""Peer events → the right client sockets, in ComfyUI's routing rules (api.md §3.4).
+"""Peer events → the right client sockets, in ComfyUI's routing rules (server.py send_sync).
 
 The host supplies a `Hub` (its client sockets); this module decides who gets what and
 translates previews for clients that did not announce `supports_preview_metadata`.
@@ -10,7 +10,7 @@ import logging
 import struct
 from typing import Any, Protocol
 
-from .delivery import INTERLEAVE_FLAG, Delivery
+from .delivery import INTERLEAVE_FLAG, Delivery, Send
 from .mailbox import KEPT, Mailbox
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Relay:
     async def end(self, client_id: str | None, prompt_id: str) -> None:
         await self.delivery.end(client_id, prompt_id)
 
-    async def _deliver(self, client_id: str | None, prompt_id: str | None, send, size: int) -> None:
+    async def _deliver(self, client_id: str | None, prompt_id: str | None, send: Send, size: int) -> None:
         interleave = bool(client_id and self.hub.client_flags(client_id).get(INTERLEAVE_FLAG))
         await self.delivery.send(client_id, prompt_id, send, size, interleave)
 
@@ -134,6 +134,3 @@ class Relay:
         """Any other binary frame (legacy previews, progress text): passed through."""
         await self._deliver(client_id, prompt_id, lambda: self.hub.send_bytes(event, payload, client_id or None),
                             len(payload))
-
-    async def status(self, queue_remaining: int) -> None:
-        await self.hub.send_json("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}})

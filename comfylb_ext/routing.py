@@ -7,6 +7,7 @@ may run on.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 ROUTE_CLASS = "ComfyLBRoute"
 
@@ -42,7 +43,7 @@ def unroutable(rules: dict[str, frozenset[str]], peers: dict[str, list[str]]) ->
     def err(message: str, details: str, extra: dict) -> dict:
         return {"type": "no_matching_peer", "message": message, "details": details, "extra_info": extra}
 
-    node_errors = {}
+    node_errors: dict[str, dict[str, Any]] = {}
     for nid, targets in rules.items():
         if targets and not any(_matches(n, t, targets) for n, t in peers.items()):
             node_errors[nid] = {"errors": [err(
@@ -85,7 +86,9 @@ def per_peer_outputs(prompt: dict, peer: str) -> dict:
     out = None
     for nid, node in prompt.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
-        prefix = inputs.get("filename_prefix") if isinstance(inputs, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        prefix = inputs.get("filename_prefix")
         if isinstance(prefix, str) and confined_prefix(prefix, peer) != prefix:
             if out is None:
                 out = dict(prompt)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import STRATEGIES
+from .config import STRATEGIES, Order, Strategy
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,10 @@ class PeerView:
 
 @dataclass
 class SchedulerState:
-    strategy: str = "least_busy"
+    strategy: Strategy = Strategy.LEAST_BUSY
     prefer_idle: bool = True
     affinity: bool = True  # prefer a peer that already has the prompt's models loaded
-    order: str = "fifo"    # or "longest_first"
+    order: Order = Order.FIFO
     cursor: int = 0  # round_robin position
 
 
@@ -69,10 +69,10 @@ def pick(peers: Sequence[PeerView], state: SchedulerState, models: frozenset = f
         best = max(shared.values())
         if warm is not pool or best > 0:  # only with a reason: the strategy decides otherwise
             candidates = [p for p in warm if shared[p.name] == best]
-    if state.strategy == "least_busy":
+    if state.strategy == Strategy.LEAST_BUSY:
         # An idle peer first; among busy ones, the one whose queue empties soonest.
         return min(candidates, key=lambda p: (p.inflight > 0, expected_wait(p, peers), -p.weight, p.last_pick))
-    if state.strategy == "weighted":
+    if state.strategy == Strategy.WEIGHTED:
         # Fill peers in proportion to their weight: the lowest load per unit of weight wins.
         return min(candidates, key=lambda p: ((p.inflight + 1) / p.weight, p.last_pick))
     # round_robin: the next eligible peer after the cursor, in configuration order.

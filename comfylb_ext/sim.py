@@ -2,8 +2,9 @@
 
     python -m comfylb_ext.sim --port 8288 [--slowdown 2] [--model-load 1.5]
 
-It speaks today's ComfyUI (server ~0.38, shared/comfyui/api-current.md) over HTTP and
-websocket, with the message sequence recorded from real ComfyUI (shared/comfyui/transcript.md),
+It speaks today's ComfyUI (server ~0.38: the jobs API, UUID prompt ids, node replacements)
+over HTTP and websocket, with the message sequence recorded from real ComfyUI
+(tests/data/transcript.md),
 for a small set of model-free nodes, and renders no real images (solid-colour PNGs).  Like
 ComfyUI, every route is also served under /api.  It never stands in for the real-peer tests.
 """
@@ -25,13 +26,14 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
 from . import jobs, replacements
 from .uploads import TYPES, split_annotation
-from .validation import error_body, validate
+from .errors import error_body
+from .validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -237,91 +239,34 @@ class SimPeer:
         return seen
 
     async def execute(self, item: list) -> None:
-        number, pid, prompt, extra, outputs = item
-        sid = extra.get("client_id")
-        messages: list = []
-
-        def ts() -> int:
-            return int(time.time() * 1000)
-
-        async def add(event: str, data: dict, broadcast: bool = False) -> None:
-            messages.append([event, data])
-            if sid is not None or broadcast:
-                await self.send(event, data, sid)
-
+        pid = item[1]
         self.interrupted = False
         self.executed.append(pid)
-        order = self._order(prompt, outputs)
-        keys: dict[str, str] = {}
-        for nid in order:  # upstream first, so a node's key covers everything it depends on
-            inputs = {k: (keys[str(v[0])], v[1]) if isinstance(v, list) and len(v) == 2 and str(v[0]) in keys else v
-                      for k, v in (prompt[nid].get("inputs") or {}).items()}
-            keys[nid] = json.dumps([prompt[nid]["class_type"], inputs], sort_keys=True)
-        cached = [nid for nid in order if keys[nid] in self.cache]
-        ui: dict[str, dict] = {}
-        state: dict[str, dict] = {}
-        await add("execution_start", {"prompt_id": pid, "timestamp": ts()})
-        await add("execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": ts()})
-        for nid in cached:
-            if nid in outputs and isinstance(self.cache[keys[nid]], dict):
-                ui[nid] = self.cache[keys[nid]]
-                await self.send("executed", {"node": nid, "display_node": nid, "output": ui[nid], "prompt_id": pid}, sid)
-                state[nid] = {"value": 1, "max": 1, "state": "finished", "node_id": nid, "prompt_id": pid,
-                              "display_node_id": nid, "parent_node_id": None, "real_node_id": nid}
-        if state:
-            await self.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(state)}, sid)
+        run = _Run(self, item)
+        await run.add("execution_start", {"prompt_id": pid, "timestamp": _ms()})
+        await run.add("execution_cached", {"nodes": run.cached, "prompt_id": pid, "timestamp": _ms()})
+        await run.replay_cached()
         status_str = "success"
-        for nid in order:
-            if nid in cached:
-                continue
-            node = prompt[nid]
-            state[nid] = {"value": 0.0, "max": 1.0, "state": "running", "node_id": nid, "prompt_id": pid,
-                          "display_node_id": nid, "parent_node_id": None, "real_node_id": nid}
-            await self.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(state)}, sid)
-            if sid is not None:
-                await self.send("executing", {"node": nid, "display_node": nid, "prompt_id": pid}, sid)
-            try:
-                out = await self.run_node(nid, node, pid, sid, state)
-            except asyncio.CancelledError:
-                raise
-            except InterruptedError:
-                await add("execution_interrupted", {"prompt_id": pid, "node_id": nid,
-                                                    "node_type": node["class_type"],
-                                                    "executed": [n for n in order if n in ui or n in cached],
-                                                    "timestamp": ts()}, broadcast=True)
+        for nid in run.order:
+            if nid not in run.cached and not await run.node(nid):
                 status_str = "error"
                 break
-            except Exception as ex:  # as ComfyUI's execution_error (execution.py handle_execution_error)
-                await add("execution_error", {"prompt_id": pid, "node_id": nid, "node_type": node["class_type"],
-                                              "executed": [n for n in order if n in ui or n in cached],
-                                              "exception_message": str(ex), "exception_type": type(ex).__name__,
-                                              "traceback": [], "current_inputs": {}, "current_outputs": {},
-                                              "timestamp": ts()})
-                status_str = "error"
-                break
-            self.cache[keys[nid]] = out if out is not None else True
-            if out is not None:
-                ui[nid] = out
-                if sid is not None:
-                    await self.send("executed", {"node": nid, "display_node": nid, "output": out, "prompt_id": pid}, sid)
-            state[nid].update(value=1.0, state="finished")
-            await self.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(state)}, sid)
         # Like ComfyUI's default (classic) cache: what the last prompt did not use is dropped.
-        self.cache = {k: v for k, v in self.cache.items() if k in set(keys.values())}
+        self.cache = {k: v for k, v in self.cache.items() if k in set(run.keys.values())}
         if status_str == "success":
-            await add("execution_success", {"prompt_id": pid, "timestamp": ts()})
+            await run.add("execution_success", {"prompt_id": pid, "timestamp": _ms()})
         # As ComfyUI's task_done: out of the running list and into history at once, then the
         # status broadcast (queue_remaining no longer counts it), then executing null.
         self.history[pid] = {
             "prompt": shown(item),
-            "outputs": ui,
-            "status": {"status_str": status_str, "completed": status_str == "success", "messages": messages},
-            "meta": {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in ui},
+            "outputs": run.ui,
+            "status": {"status_str": status_str, "completed": status_str == "success", "messages": run.messages},
+            "meta": {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in run.ui},
         }
         self.running = None
         await self.status()
-        if sid is not None:
-            await self.send("executing", {"node": None, "prompt_id": pid}, sid)
+        if run.sid is not None:
+            await self.send("executing", {"node": None, "prompt_id": pid}, run.sid)
 
     async def _sleep(self, seconds: float, pid: str, nid: str, sid: str | None, state: dict) -> None:
         seconds *= self.slowdown
@@ -386,6 +331,7 @@ class SimPeer:
         replacement, validation, then the queue's duplicate check."""
         if not isinstance(data, dict):
             return 400, error_body(_err("invalid_prompt", "Request body must be a JSON object.", type(data).__name__))
+        number: float
         if data.get("number") is None:
             number = -self.number if data.get("front") else self.number
             self.number += 1
@@ -408,7 +354,7 @@ class SimPeer:
         ok, error, outputs, node_errors = validate(prompt, info, data.get("partial_execution_targets"),
                                                    known_files=self.has_file, link_types=True)
         if not ok:
-            return 400, error_body(error, node_errors)
+            return 400, error_body(error or {}, node_errors)
         if pid in self.active_ids():  # execution.DuplicatePromptIdError; a finished id may come again
             return 409, error_body(_err("duplicate_prompt_id",
                                         "A prompt with this prompt_id is already pending or running.", pid))
@@ -450,247 +396,343 @@ class SimPeer:
         return True
 
     def app(self) -> web.Application:
-        r = web.RouteTableDef()
-
-        @r.get("/ws")
-        async def ws_handler(request: web.Request) -> web.WebSocketResponse:
-            sid = request.rel_url.query.get("clientId") or uuid.uuid4().hex
-            ws = web.WebSocketResponse(max_msg_size=0)
-            await ws.prepare(request)
-            self.sockets[sid] = ws
-            await ws.send_json({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": self.remaining()}}, "sid": sid}})
-            first = True
-            try:
-                async for msg in ws:
-                    if msg.type == WSMsgType.TEXT and first:
-                        first = False
-                        data = json.loads(msg.data)
-                        if data.get("type") == "feature_flags":
-                            self.flags[sid] = data.get("data") or {}
-                            await ws.send_json({"type": "feature_flags", "data": self.feature_flags()})
-            finally:
-                if self.sockets.get(sid) is ws:  # unlike ComfyUI: no same-clientId pitfall here
-                    self.sockets.pop(sid, None)
-            return ws
-
-        @r.post("/prompt")
-        async def post_prompt(request: web.Request) -> web.Response:
-            try:
-                data = await request.json()
-            except ValueError as e:  # ComfyUI itself answers 500 here
-                return web.json_response(error_body(_err("invalid_prompt", "Invalid JSON in request body", str(e))),
-                                         status=400)
-            status, body = await self.submit(data, request.headers.get("Comfy-Usage-Source"))
-            return web.json_response(body, status=status)
-
-        @r.get("/prompt")
-        async def get_prompt(request: web.Request) -> web.Response:
-            return web.json_response({"exec_info": {"queue_remaining": self.remaining()}})
-
-        @r.get("/queue")
-        async def get_queue(request: web.Request) -> web.Response:
-            return web.json_response({"queue_running": [shown(self.running)] if self.running else [],
-                                      "queue_pending": [shown(e[2]) for e in self.queue]})
-
-        @r.post("/queue")
-        async def post_queue(request: web.Request) -> web.Response:
-            data = await request.json()
-            if data.get("clear"):
-                self.queue.clear()
-            if data.get("delete"):
-                self.queue = [e for e in self.queue if e[2][1] not in data["delete"]]
-                heapq.heapify(self.queue)
-            await self.status()
-            return web.Response()
-
-        @r.post("/interrupt")
-        async def interrupt(request: web.Request) -> web.Response:
-            try:
-                data = await request.json()
-            except ValueError:
-                data = {}
-            pid = data.get("prompt_id") if isinstance(data, dict) else None
-            if self.running and (pid is None or self.running[1] == pid):
-                self.interrupted = True
-            return web.Response()
-
-        @r.get("/history")
-        async def history(request: web.Request) -> web.Response:
-            q = request.rel_url.query
-            max_items = int(q["max_items"]) if "max_items" in q else None
-            offset = int(q["offset"]) if "offset" in q else -1
-            return web.json_response(history_page(self.history, max_items, offset))
-
-        @r.get("/history/{pid}")
-        async def history_item(request: web.Request) -> web.Response:
-            pid = request.match_info["pid"]
-            return web.json_response({pid: self.history[pid]} if pid in self.history else {})
-
-        @r.post("/history")
-        async def post_history(request: web.Request) -> web.Response:
-            data = await request.json()
-            if data.get("clear"):
-                self.history.clear()
-            for pid in data.get("delete", []):
-                self.history.pop(pid, None)
-            return web.Response()
-
-        @r.get("/view")
-        async def view(request: web.Request) -> web.StreamResponse:
-            q = request.rel_url.query
-            name, typ = split_annotation(q.get("filename", ""))
-            if not name or name[0] == "/" or ".." in name:
-                return web.Response(status=400)
-            path = self.root / (typ or q.get("type", "output")) / q.get("subfolder", "") / name
-            if not path.is_file():
-                return web.Response(status=404)
-            self.views[str(path.relative_to(self.root))] += 1
-            return web.FileResponse(path, headers={"Content-Disposition": f'filename="{name}"'})
-
-        @r.post("/upload/image")
-        async def upload(request: web.Request) -> web.Response:
-            post = await request.post()
-            image = post["image"]
-            typ, sub = post.get("type", "input"), post.get("subfolder", "")
-            folder = self.root / typ / sub
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / image.filename).write_bytes(image.file.read())
-            return web.json_response({"name": image.filename, "subfolder": sub, "type": typ})
-
-        @r.get("/object_info")
-        async def object_info(request: web.Request) -> web.Response:
-            return web.json_response(self.object_info())
-
-        @r.get("/object_info/{node_class}")
-        async def object_info_node(request: web.Request) -> web.Response:
-            cls, info = request.match_info["node_class"], self.object_info()
-            return web.json_response({cls: info[cls]} if cls in info else {})
-
-        # -- the jobs API: declared under /api like ComfyUI's, so also at /api/api/... --
-        @r.get("/api/jobs")
-        async def list_jobs(request: web.Request) -> web.Response:
-            try:
-                q = jobs.parse_query(request.rel_url.query)
-            except jobs.JobsError as e:
-                return web.json_response(e.body(), status=400)
-            queued = ([jobs.queue_job(self.running, "in_progress")] if self.running else []) + \
-                [jobs.queue_job(e[2], "pending") for e in self.queue]
-            finished = (jobs.history_job(pid, entry) for pid, entry in self.history.items())
-            return web.json_response(jobs.list_jobs(queued, finished, q))
-
-        @r.get("/api/jobs/{job_id}")
-        async def get_job(request: web.Request) -> web.Response:
-            job = self.job(request.match_info["job_id"])
-            return web.json_response(job) if job else web.json_response({"error": "Job not found"}, status=404)
-
-        @r.post("/api/jobs/{job_id}/cancel")
-        async def cancel_job(request: web.Request) -> web.Response:
-            return web.json_response({"cancelled": await self.cancel(request.match_info["job_id"])})
-
-        @r.post("/api/jobs/cancel")
-        async def cancel_jobs(request: web.Request) -> web.Response:
-            try:
-                ids = jobs.parse_cancel_ids(await request.json())
-            except jobs.JobsError as e:
-                return web.json_response(e.body(), status=400)
-            except ValueError:
-                return web.json_response({"error": "Request body must be valid JSON"}, status=400)
-            cancelled = [await self.cancel(i) for i in ids]  # every one, not only up to the first
-            return web.json_response({"cancelled": any(cancelled)})
-
-        @r.post("/free")
-        async def free(request: web.Request) -> web.Response:
-            data = await request.json()
-            for key in ("unload_models", "free_memory"):
-                if data.get(key):
-                    self.free_flags[key] = data[key]
-            self.wake.set()
-            return web.Response()
-
-        @r.get("/node_replacements")
-        async def node_replacements(request: web.Request) -> web.Response:
-            return web.json_response(self.replacements)
-
-        # -- the single user's settings (app/app_settings.py, app/user_manager.py) --
-        @r.get("/settings")
-        async def get_settings(request: web.Request) -> web.Response:
-            return web.json_response(self.settings)
-
-        @r.post("/settings")
-        async def post_settings(request: web.Request) -> web.Response:
-            data = await request.json()
-            if not isinstance(data, dict):
-                return web.Response(status=400)
-            self.settings.update(data)
-            self.user_dir = True
-            return web.Response()
-
-        @r.get("/settings/{id}")
-        async def get_setting(request: web.Request) -> web.Response:
-            return web.json_response(self.settings.get(request.match_info["id"]))
-
-        @r.post("/settings/{id}")
-        async def post_setting(request: web.Request) -> web.Response:
-            self.settings[request.match_info["id"]] = await request.json()
-            self.user_dir = True
-            return web.Response()
-
-        @r.get("/users")
-        async def users(request: web.Request) -> web.Response:
-            return web.json_response({"storage": "server", "migrated": self.user_dir})
-
-        @r.get("/system_stats")
-        async def system_stats(request: web.Request) -> web.Response:
-            return web.json_response({"system": {"os": "posix", "ram_total": 0, "ram_free": 0,
-                                                 "comfyui_version": "sim", "python_version": "", "pytorch_version": "",
-                                                 "embedded_python": False, "argv": ["sim"]},
-                                      "devices": [{"name": f"{self.name} (simulated)", "type": "sim", "index": 0,
-                                                   "vram_total": 0, "vram_free": 0, "torch_vram_total": 0,
-                                                   "torch_vram_free": 0}]})
-
-        @r.get("/features")
-        async def features(request: web.Request) -> web.Response:
-            return web.json_response(self.feature_flags())
-
-        for path, value in (("/embeddings", []), ("/extensions", []), ("/models", ["checkpoints"])):
-            r.get(path)(_constant(value))
-
-        @r.get("/models/{folder}")
-        async def models(request: web.Request) -> web.Response:
-            if request.match_info["folder"] != "checkpoints":
-                return web.Response(status=404)
-            return web.json_response(self.checkpoints)
-
-        @web.middleware
-        async def auth_proxy(request: web.Request, handler):
-            if request.headers.get("Authorization") != f"Bearer {self.token}":
-                return web.Response(status=401, text="401: token required")
-            return await handler(request)
-
-        app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[auth_proxy] if self.token else [])
+        h = _Handlers(self)
+        defs = [web.RouteDef(method, path, handler, {}) for method, path, handler in h.routes()]
+        app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[h.auth_proxy] if self.token else [])
         # as ComfyUI's add_routes: every route under /api too, then bare
-        app.add_routes([web.RouteDef(d.method, "/api" + d.path, d.handler, d.kwargs)
-                        for d in r if isinstance(d, web.RouteDef)])
-        app.add_routes(r)
-
-        async def start_worker(app: web.Application) -> None:
-            self.worker = asyncio.create_task(self.run_worker())
-
-        async def stop_worker(app: web.Application) -> None:
-            if self.worker:
-                self.worker.cancel()
-            for ws in list(self.sockets.values()):
-                await ws.close()
-
-        app.on_startup.append(start_worker)
-        app.on_shutdown.append(stop_worker)
+        app.add_routes([web.RouteDef(d.method, "/api" + d.path, d.handler, d.kwargs) for d in defs])
+        app.add_routes(defs)
+        app.on_startup.append(h.start_worker)
+        app.on_shutdown.append(h.stop_worker)
         return app
 
 
-def _constant(value: Any):
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Run:
+    """One prompt in SimPeer.execute: whom to tell, and what its history entry gathers."""
+
+    def __init__(self, sim: SimPeer, item: list) -> None:
+        _, self.pid, self.prompt, extra, self.outputs = item
+        self.sim, self.sid = sim, extra.get("client_id")
+        self.order = sim._order(self.prompt, self.outputs)
+        self.keys: dict[str, str] = {}
+        for nid in self.order:  # upstream first, so a node's key covers everything it depends on
+            inputs = {k: (self.keys[str(v[0])], v[1]) if isinstance(v, list) and len(v) == 2 and str(v[0]) in self.keys
+                      else v for k, v in (self.prompt[nid].get("inputs") or {}).items()}
+            self.keys[nid] = json.dumps([self.prompt[nid]["class_type"], inputs], sort_keys=True)
+        self.cached = [nid for nid in self.order if self.keys[nid] in sim.cache]
+        self.ui: dict[str, dict] = {}
+        self.state: dict[str, dict] = {}
+        self.messages: list = []
+
+    async def add(self, event: str, data: dict, broadcast: bool = False) -> None:
+        """A message the history entry keeps; without a client it is sent only if broadcast."""
+        self.messages.append([event, data])
+        if self.sid is not None or broadcast:
+            await self.sim.send(event, data, self.sid)
+
+    async def replay_cached(self) -> None:
+        sim, pid, sid = self.sim, self.pid, self.sid
+        for nid in self.cached:
+            if nid in self.outputs and isinstance(sim.cache[self.keys[nid]], dict):
+                self.ui[nid] = sim.cache[self.keys[nid]]
+                await sim.send("executed", {"node": nid, "display_node": nid, "output": self.ui[nid],
+                                            "prompt_id": pid}, sid)
+                self.state[nid] = {"value": 1, "max": 1, "state": "finished", "node_id": nid, "prompt_id": pid,
+                                   "display_node_id": nid, "parent_node_id": None, "real_node_id": nid}
+        if self.state:
+            await sim.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(self.state)}, sid)
+
+    async def node(self, nid: str) -> bool:
+        """Run one node; False when it ended the prompt (interrupted or failed)."""
+        sim, pid, sid, state, node = self.sim, self.pid, self.sid, self.state, self.prompt[nid]
+        state[nid] = {"value": 0.0, "max": 1.0, "state": "running", "node_id": nid, "prompt_id": pid,
+                      "display_node_id": nid, "parent_node_id": None, "real_node_id": nid}
+        await sim.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(state)}, sid)
+        if sid is not None:
+            await sim.send("executing", {"node": nid, "display_node": nid, "prompt_id": pid}, sid)
+        try:
+            out = await sim.run_node(nid, node, pid, sid, state)
+        except asyncio.CancelledError:
+            raise
+        except InterruptedError:
+            await self.add("execution_interrupted", {"prompt_id": pid, "node_id": nid,
+                                                     "node_type": node["class_type"],
+                                                     "executed": self.executed(),
+                                                     "timestamp": _ms()}, broadcast=True)
+            return False
+        except Exception as ex:  # as ComfyUI's execution_error (execution.py handle_execution_error)
+            await self.add("execution_error", {"prompt_id": pid, "node_id": nid, "node_type": node["class_type"],
+                                               "executed": self.executed(),
+                                               "exception_message": str(ex), "exception_type": type(ex).__name__,
+                                               "traceback": [], "current_inputs": {}, "current_outputs": {},
+                                               "timestamp": _ms()})
+            return False
+        sim.cache[self.keys[nid]] = out if out is not None else True
+        if out is not None:
+            self.ui[nid] = out
+            if sid is not None:
+                await sim.send("executed", {"node": nid, "display_node": nid, "output": out, "prompt_id": pid}, sid)
+        state[nid].update(value=1.0, state="finished")
+        await sim.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(state)}, sid)
+        return True
+
+    def executed(self) -> list[str]:
+        return [n for n in self.order if n in self.ui or n in self.cached]
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _constant(value: Any) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         return web.json_response(value)
     return handler
+
+
+class _Handlers:
+    """SimPeer's HTTP and websocket side, one method a route."""
+
+    def __init__(self, sim: SimPeer) -> None:
+        self.sim = sim
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        return [
+            ("GET", "/ws", self.ws_handler),
+            ("POST", "/prompt", self.post_prompt),
+            ("GET", "/prompt", self.get_prompt),
+            ("GET", "/queue", self.get_queue),
+            ("POST", "/queue", self.post_queue),
+            ("POST", "/interrupt", self.interrupt),
+            ("GET", "/history", self.history),
+            ("GET", "/history/{pid}", self.history_item),
+            ("POST", "/history", self.post_history),
+            ("GET", "/view", self.view),
+            ("POST", "/upload/image", self.upload),
+            ("GET", "/object_info", self.object_info),
+            ("GET", "/object_info/{node_class}", self.object_info_node),
+            # the jobs API: declared under /api like ComfyUI's, so also at /api/api/...
+            ("GET", "/api/jobs", self.list_jobs),
+            ("GET", "/api/jobs/{job_id}", self.get_job),
+            ("POST", "/api/jobs/{job_id}/cancel", self.cancel_job),
+            ("POST", "/api/jobs/cancel", self.cancel_jobs),
+            ("POST", "/free", self.free),
+            ("GET", "/node_replacements", self.node_replacements),
+            # the single user's settings (app/app_settings.py, app/user_manager.py)
+            ("GET", "/settings", self.get_settings),
+            ("POST", "/settings", self.post_settings),
+            ("GET", "/settings/{id}", self.get_setting),
+            ("POST", "/settings/{id}", self.post_setting),
+            ("GET", "/users", self.users),
+            ("GET", "/system_stats", self.system_stats),
+            ("GET", "/features", self.features),
+            ("GET", "/embeddings", _constant([])),
+            ("GET", "/extensions", _constant([])),
+            ("GET", "/models", _constant(["checkpoints"])),
+            ("GET", "/models/{folder}", self.models),
+        ]
+
+    @web.middleware
+    async def auth_proxy(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {self.sim.token}":
+            return web.Response(status=401, text="401: token required")
+        return await handler(request)
+
+    async def start_worker(self, app: web.Application) -> None:
+        self.sim.worker = asyncio.create_task(self.sim.run_worker())
+
+    async def stop_worker(self, app: web.Application) -> None:
+        if self.sim.worker:
+            self.sim.worker.cancel()
+        for ws in list(self.sim.sockets.values()):
+            await ws.close()
+
+    async def ws_handler(self, request: web.Request) -> web.WebSocketResponse:
+        sim = self.sim
+        sid = request.rel_url.query.get("clientId") or uuid.uuid4().hex
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        sim.sockets[sid] = ws
+        await ws.send_json({"type": "status",
+                            "data": {"status": {"exec_info": {"queue_remaining": sim.remaining()}}, "sid": sid}})
+        first = True
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT and first:
+                    first = False
+                    data = json.loads(msg.data)
+                    if data.get("type") == "feature_flags":
+                        sim.flags[sid] = data.get("data") or {}
+                        await ws.send_json({"type": "feature_flags", "data": sim.feature_flags()})
+        finally:
+            if sim.sockets.get(sid) is ws:  # unlike ComfyUI: no same-clientId pitfall here
+                sim.sockets.pop(sid, None)
+        return ws
+
+    async def post_prompt(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+        except ValueError as e:  # ComfyUI itself answers 500 here
+            return web.json_response(error_body(_err("invalid_prompt", "Invalid JSON in request body", str(e))),
+                                     status=400)
+        status, body = await self.sim.submit(data, request.headers.get("Comfy-Usage-Source"))
+        return web.json_response(body, status=status)
+
+    async def get_prompt(self, request: web.Request) -> web.Response:
+        return web.json_response({"exec_info": {"queue_remaining": self.sim.remaining()}})
+
+    async def get_queue(self, request: web.Request) -> web.Response:
+        sim = self.sim
+        return web.json_response({"queue_running": [shown(sim.running)] if sim.running else [],
+                                  "queue_pending": [shown(e[2]) for e in sim.queue]})
+
+    async def post_queue(self, request: web.Request) -> web.Response:
+        sim = self.sim
+        data = await request.json()
+        if data.get("clear"):
+            sim.queue.clear()
+        if data.get("delete"):
+            sim.queue = [e for e in sim.queue if e[2][1] not in data["delete"]]
+            heapq.heapify(sim.queue)
+        await sim.status()
+        return web.Response()
+
+    async def interrupt(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+        except ValueError:
+            data = {}
+        pid = data.get("prompt_id") if isinstance(data, dict) else None
+        if self.sim.running and (pid is None or self.sim.running[1] == pid):
+            self.sim.interrupted = True
+        return web.Response()
+
+    async def history(self, request: web.Request) -> web.Response:
+        q = request.rel_url.query
+        max_items = int(q["max_items"]) if "max_items" in q else None
+        offset = int(q["offset"]) if "offset" in q else -1
+        return web.json_response(history_page(self.sim.history, max_items, offset))
+
+    async def history_item(self, request: web.Request) -> web.Response:
+        pid = request.match_info["pid"]
+        return web.json_response({pid: self.sim.history[pid]} if pid in self.sim.history else {})
+
+    async def post_history(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        if data.get("clear"):
+            self.sim.history.clear()
+        for pid in data.get("delete", []):
+            self.sim.history.pop(pid, None)
+        return web.Response()
+
+    async def view(self, request: web.Request) -> web.StreamResponse:
+        q = request.rel_url.query
+        name, typ = split_annotation(q.get("filename", ""))
+        if not name or name[0] == "/" or ".." in name:
+            return web.Response(status=400)
+        path = self.sim.root / str(typ or q.get("type", "output")) / q.get("subfolder", "") / str(name)
+        if not path.is_file():
+            return web.Response(status=404)
+        self.sim.views[str(path.relative_to(self.sim.root))] += 1
+        return web.FileResponse(path, headers={"Content-Disposition": f'filename="{name}"'})
+
+    async def upload(self, request: web.Request) -> web.Response:
+        post = await request.post()
+        image = post["image"]
+        if not isinstance(image, web.FileField):
+            return web.Response(status=400)
+        typ, sub = str(post.get("type", "input")), str(post.get("subfolder", ""))
+        folder = self.sim.root / typ / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / image.filename).write_bytes(image.file.read())
+        return web.json_response({"name": image.filename, "subfolder": sub, "type": typ})
+
+    async def object_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sim.object_info())
+
+    async def object_info_node(self, request: web.Request) -> web.Response:
+        cls, info = request.match_info["node_class"], self.sim.object_info()
+        return web.json_response({cls: info[cls]} if cls in info else {})
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        sim = self.sim
+        try:
+            q = jobs.parse_query(request.rel_url.query)
+        except jobs.JobsError as e:
+            return web.json_response(e.body(), status=400)
+        queued = ([jobs.queue_job(sim.running, "in_progress")] if sim.running else []) + \
+            [jobs.queue_job(e[2], "pending") for e in sim.queue]
+        finished = (jobs.history_job(pid, entry) for pid, entry in sim.history.items())
+        return web.json_response(jobs.list_jobs(queued, finished, q))
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        job = self.sim.job(request.match_info["job_id"])
+        return web.json_response(job) if job else web.json_response({"error": "Job not found"}, status=404)
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        return web.json_response({"cancelled": await self.sim.cancel(request.match_info["job_id"])})
+
+    async def cancel_jobs(self, request: web.Request) -> web.Response:
+        try:
+            ids = jobs.parse_cancel_ids(await request.json())
+        except jobs.JobsError as e:
+            return web.json_response(e.body(), status=400)
+        except ValueError:
+            return web.json_response({"error": "Request body must be valid JSON"}, status=400)
+        cancelled = [await self.sim.cancel(i) for i in ids]  # every one, not only up to the first
+        return web.json_response({"cancelled": any(cancelled)})
+
+    async def free(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        for key in ("unload_models", "free_memory"):
+            if data.get(key):
+                self.sim.free_flags[key] = data[key]
+        self.sim.wake.set()
+        return web.Response()
+
+    async def node_replacements(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sim.replacements)
+
+    async def get_settings(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sim.settings)
+
+    async def post_settings(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        if not isinstance(data, dict):
+            return web.Response(status=400)
+        self.sim.settings.update(data)
+        self.sim.user_dir = True
+        return web.Response()
+
+    async def get_setting(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sim.settings.get(request.match_info["id"]))
+
+    async def post_setting(self, request: web.Request) -> web.Response:
+        self.sim.settings[request.match_info["id"]] = await request.json()
+        self.sim.user_dir = True
+        return web.Response()
+
+    async def users(self, request: web.Request) -> web.Response:
+        return web.json_response({"storage": "server", "migrated": self.sim.user_dir})
+
+    async def system_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"system": {"os": "posix", "ram_total": 0, "ram_free": 0,
+                                             "comfyui_version": "sim", "python_version": "", "pytorch_version": "",
+                                             "embedded_python": False, "argv": ["sim"]},
+                                  "devices": [{"name": f"{self.sim.name} (simulated)", "type": "sim", "index": 0,
+                                               "vram_total": 0, "vram_free": 0, "torch_vram_total": 0,
+                                               "torch_vram_free": 0}]})
+
+    async def features(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sim.feature_flags())
+
+    async def models(self, request: web.Request) -> web.Response:
+        if request.match_info["folder"] != "checkpoints":
+            return web.Response(status=404)
+        return web.json_response(self.sim.checkpoints)
 
 
 @dataclass
@@ -703,7 +745,7 @@ class SimServer:
         await self.runner.cleanup()
 
 
-async def start_sim(port: int = 0, host: str = "127.0.0.1", root: Path | None = None, **kw) -> SimServer:
+async def start_sim(port: int = 0, host: str = "127.0.0.1", root: Path | None = None, **kw: Any) -> SimServer:
     """Start a simulated peer in this event loop."""
     sim = SimPeer(root or Path(tempfile.mkdtemp(prefix="comfylb-sim-")), **kw)
     runner = web.AppRunner(sim.app(), access_log=None)

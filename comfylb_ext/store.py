@@ -4,23 +4,35 @@ learns from.
 
 Write-through from the coordinator at every state change (WAL mode: a commit survives the
 process being killed).  `Store(None)` keeps nothing, for tests and throw-away runs.
+
+Every use of the database happens on one thread of its own, in the order asked: a prompt
+of tens of MB is encoded and written there, not on the event loop, and writes never wait
+for each other's callers.  Adding a task is awaited (a prompt is acknowledged only once it
+is on disk); other writes are queued; reads (at start) wait for the writes before them.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import queue
 import sqlite3
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 
-from .config import BackendConfig
+from .config import BackendConfig, Config
 from .cost import Shape
-from .tasks import SENSITIVE_KEYS, TERMINAL, Task
+from .tasks import SENSITIVE_KEYS, TERMINAL, State, Task
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+Params = Any  # a statement's parameters, or a function that makes them (on the database's thread)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -79,17 +91,83 @@ class Snapshot:
     runs: list[tuple[Shape, float]]
 
 
+class StateStore(Protocol):
+    """What the coordinator keeps durably, whatever keeps it.  Writes never raise but
+    add_task (a prompt is acknowledged only once it is stored); a failed write sets
+    `problem` and `needs_rebuild`, and `rebuild` writes the whole state from memory."""
+
+    path: str
+    problem: str | None
+
+    def close(self) -> None: ...
+    def needs_rebuild(self) -> bool: ...
+    def rebuild(self, state: Snapshot) -> None: ...
+    async def add_task(self, t: Task) -> None: ...
+    def delete_task(self, prompt_id: str) -> None: ...
+    def update_task(self, t: Task) -> None: ...
+    def load_tasks(self, finished: int) -> list[Task]: ...
+    def prune_tasks(self, keep: int) -> None: ...
+    def add_history(self, prompt_id: str, position: int, entry: dict) -> None: ...
+    def delete_history(self, prompt_ids: Iterable[str]) -> None: ...
+    def clear_history(self) -> None: ...
+    def prune_history(self, keep: int) -> None: ...
+    def load_history(self) -> list[tuple[str, int, dict]]: ...
+    def save_peer(self, b: BackendConfig) -> None: ...
+    def delete_peer(self, name: str) -> None: ...
+    def load_peers(self) -> list[BackendConfig]: ...
+    def set_files(self, rows: list[tuple[str, str, str, str]]) -> None: ...
+    def load_files(self) -> dict[tuple[str, str, str], str]: ...
+    def add_run(self, shape: Shape, seconds: float) -> None: ...
+    def prune_runs(self, keep: int) -> None: ...
+    def load_runs(self, keep: int) -> list[tuple[Shape, float]]: ...
+    def get(self, key: str, default: Any = None) -> Any: ...
+    def put(self, key: str, value: Any) -> None: ...
+
+
 class Store:
-    """Every write goes through `_write`: a failed one (a full disk, a file deleted under
-    us) is logged once and marks the store as needing a rebuild from memory, which the
-    coordinator does as soon as it can (`needs_rebuild`, `rebuild`).  Only adding a task
-    raises, so a prompt is acknowledged only once it is on disk."""
+    """The state in an embedded SQLite database (StateStore).  Every write goes through
+    `_write`: a failed one (a full disk, a file deleted under us) is logged once and marks
+    the store as needing a rebuild from memory, which the coordinator does as soon as it
+    can (`needs_rebuild`, `rebuild`).  Only adding a task raises, so a prompt is
+    acknowledged only once it is on disk."""
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = str(path) if path else ":memory:"
         self.problem: str | None = None
         self._identity: tuple[int, int] | None = None
+        self._rebuilding = False
         self.db = self._open(self.path)
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future | None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="comfylb-store", daemon=True)
+        self._thread.start()
+
+    # -- the database's own thread -------------------------------------------------------
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, done = job
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits, or said
+                if done is None:
+                    log.error("state database %s: a queued write failed", self.path, exc_info=e)
+                else:
+                    done.set_exception(e)
+            else:
+                if done is not None:
+                    done.set_result(result)
+        self.db.close()
+
+    def _later(self, fn: Callable[[], Any]) -> None:
+        self._jobs.put((fn, None))
+
+    def _future(self, fn: Callable[[], R]) -> "Future[R]":
+        done: Future[R] = Future()
+        self._jobs.put((fn, done))
+        return done
+
+    def _now(self, fn: Callable[[], R]) -> R:
+        """A read, after every write asked before it (blocks: used at start)."""
+        return self._future(fn).result()
 
     def _open(self, path: str) -> sqlite3.Connection:
         if path != ":memory:":
@@ -113,12 +191,19 @@ class Store:
         return db
 
     def close(self) -> None:
-        self.db.close()
+        """Every queued write lands, then the database is closed."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
 
     # -- health ----------------------------------------------------------------------
-    def _write(self, sql: str, params: Any = (), many: bool = False) -> bool:
+    def _write(self, sql: str, params: Params = (), many: bool = False) -> None:
+        self._later(lambda: self._run(sql, params, many))
+
+    def _run(self, sql: str, params: Params = (), many: bool = False) -> bool:
+        """One statement, on the database's thread."""
         try:
-            (self.db.executemany if many else self.db.execute)(sql, params)
+            (self.db.executemany if many else self.db.execute)(sql, params() if callable(params) else params)
             return True
         except sqlite3.Error as e:
             if self.problem is None:
@@ -129,15 +214,26 @@ class Store:
 
     def needs_rebuild(self) -> bool:
         """A write failed, or the file was deleted or replaced while we ran."""
-        if self.path == ":memory:":
+        if self.path == ":memory:" or self._rebuilding:
             return False
         if self.problem is None and _identity(self.path) != self._identity:
             self.problem = "the database file was deleted or replaced"
             log.error("state database %s: %s; writing the whole state again", self.path, self.problem)
         return self.problem is not None
 
-    def rebuild(self, state: Snapshot) -> bool:
-        """Write the whole state into a new file in place of the old one; True if done."""
+    def rebuild(self, state: Snapshot) -> None:
+        """Write the whole state into a new file in place of the old one (queued)."""
+        rows = [_task_values(t, public=t.state in TERMINAL) for t in state.tasks]  # as they are now
+        self._rebuilding = True
+        self._later(lambda: self._rebuild(state, rows))
+
+    def _rebuild(self, state: Snapshot, rows: list[tuple[str, Callable[[], tuple]]]) -> bool:
+        try:
+            return self._replace(state, rows)
+        finally:
+            self._rebuilding = False
+
+    def _replace(self, state: Snapshot, rows: list[tuple[str, Callable[[], tuple]]]) -> bool:
         fresh = self.path + ".new"
         try:
             for f in (fresh, fresh + "-wal", fresh + "-shm"):
@@ -147,7 +243,7 @@ class Store:
             try:
                 db.executescript(SCHEMA)
                 db.execute("BEGIN")
-                _write_all(db, state)
+                _write_all(db, state, rows)
                 db.execute("COMMIT")
             finally:
                 db.close()
@@ -170,9 +266,10 @@ class Store:
         return True
 
     # -- tasks -------------------------------------------------------------------------
-    def add_task(self, t: Task) -> None:
+    async def add_task(self, t: Task) -> None:
         """A new prompt, durably: StoreError if it is not on disk (the prompt is refused)."""
-        if not self._transaction([_task_row(t), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))]):
+        statements = [_task_values(t), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))]
+        if not await asyncio.wrap_future(self._future(lambda: self._atomically(statements))):
             raise StoreError(f"the coordinator cannot store the prompt ({self.problem})")
 
     def delete_task(self, prompt_id: str) -> None:
@@ -185,12 +282,15 @@ class Store:
                   json.dumps(t.attempt_log)))
         if t.secrets_dropped:
             t.secrets_dropped = False  # a finished task keeps no Comfy.org keys on disk: its body once more
-            self._transaction([_task_row(t, public=True), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))])
+            self._transaction([_task_values(t, public=True), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))])
             return
         self._write(*state)
 
     def load_tasks(self, finished: int) -> list[Task]:
         """Every unfinished task, and the newest `finished` finished ones, oldest first."""
+        return self._now(lambda: self._load_tasks(finished))
+
+    def _load_tasks(self, finished: int) -> list[Task]:
         live = self.db.execute("SELECT * FROM task_view WHERE state NOT IN (?,?,?) ORDER BY created", tuple(TERMINAL))
         done = self.db.execute("SELECT * FROM (SELECT * FROM task_view WHERE state IN (?,?,?) ORDER BY created DESC"
                                " LIMIT ?) ORDER BY created", (*TERMINAL, finished))
@@ -203,18 +303,21 @@ class Store:
              " LIMIT ?))", (*TERMINAL, *TERMINAL, keep)),
             ("DELETE FROM task_state WHERE prompt_id NOT IN (SELECT prompt_id FROM tasks)", ())])
 
-    def _transaction(self, statements: list[tuple[str, Any]]) -> bool:
-        """Several writes, all or none."""
-        if not self._write("BEGIN"):
+    def _transaction(self, statements: list[tuple[str, Params]]) -> None:
+        self._later(lambda: self._atomically(statements))
+
+    def _atomically(self, statements: list[tuple[str, Params]]) -> bool:
+        """Several writes, all or none (on the database's thread)."""
+        if not self._run("BEGIN"):
             return False
         for sql, params in statements:
-            if not self._write(sql, params):
+            if not self._run(sql, params):
                 try:
                     self.db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
                 return False
-        if self._write("COMMIT"):
+        if self._run("COMMIT"):
             return True
         try:
             self.db.execute("ROLLBACK")
@@ -227,7 +330,7 @@ class Store:
         (pid, body, state, peer, attempts, error, dispatched_at, started_at, finished_at, attempt_log, created) = row
         b = json.loads(body)
         targets = b.pop("targets", None)
-        t = Task(pid, **{k: b[k] for k in _BODY if k in b}, state=state, peer=peer, attempts=attempts, error=error,
+        t = Task(pid, **{k: b[k] for k in _BODY if k in b}, state=State(state), peer=peer, attempts=attempts, error=error,
                  dispatched_at=dispatched_at, started_at=started_at, finished_at=finished_at, created=created)
         t.targets = frozenset(targets) if targets is not None else None
         t.attempt_log = json.loads(attempt_log)
@@ -238,7 +341,8 @@ class Store:
 
     # -- history -----------------------------------------------------------------------
     def add_history(self, prompt_id: str, position: int, entry: dict) -> None:
-        self._write("INSERT OR REPLACE INTO history VALUES (?,?,?)", (prompt_id, position, json.dumps(entry)))
+        # encoded on the database's thread: an entry holds its prompt, which may be tens of MB
+        self._write("INSERT OR REPLACE INTO history VALUES (?,?,?)", lambda: (prompt_id, position, json.dumps(entry)))
 
     def delete_history(self, prompt_ids: Iterable[str]) -> None:
         self._write("DELETE FROM history WHERE prompt_id=?", [(p,) for p in prompt_ids], many=True)
@@ -257,8 +361,8 @@ class Store:
             if not isinstance(value, dict) or not isinstance(pos, int):
                 raise ValueError("not a history entry")
             return pid, pos, value
-        rows = self.db.execute("SELECT prompt_id, position, entry FROM history ORDER BY position")
-        return _readable(entry, rows, "history entry")
+        return self._now(lambda: _readable(
+            entry, self.db.execute("SELECT prompt_id, position, entry FROM history ORDER BY position"), "history entry"))
 
     # -- peers added at runtime ----------------------------------------------------------
     def save_peer(self, b: BackendConfig) -> None:
@@ -268,15 +372,16 @@ class Store:
         self._write("DELETE FROM peers WHERE name=?", (name,))
 
     def load_peers(self) -> list[BackendConfig]:
-        return _readable(lambda row: BackendConfig(**json.loads(row[0])),
-                         self.db.execute("SELECT config FROM peers ORDER BY rowid"), "peer")
+        return self._now(lambda: _readable(lambda row: BackendConfig(**json.loads(row[0])),
+                                           self.db.execute("SELECT config FROM peers ORDER BY rowid"), "peer"))
 
     # -- files and counters ----------------------------------------------------------------
     def set_files(self, rows: list[tuple[str, str, str, str]]) -> None:
         self._write("INSERT OR REPLACE INTO files VALUES (?,?,?,?)", rows, many=True)
 
     def load_files(self) -> dict[tuple[str, str, str], str]:
-        return {(t, s, f): p for t, s, f, p in self.db.execute("SELECT type, subfolder, filename, peer FROM files")}
+        return self._now(lambda: {(t, s, f): p for t, s, f, p in
+                                  self.db.execute("SELECT type, subfolder, filename, peer FROM files")})
 
     # -- run times, for the cost model ----------------------------------------------------
     def add_run(self, shape: Shape, seconds: float) -> None:
@@ -293,10 +398,11 @@ class Store:
         def run(row: tuple) -> tuple[Shape, float]:
             key, f, seconds = row
             return Shape(key, tuple(float(x) for x in json.loads(f))), float(seconds)
-        return _readable(run, self.db.execute("SELECT shape, features, seconds FROM runs ORDER BY rowid"), "run")
+        return self._now(lambda: _readable(run, self.db.execute("SELECT shape, features, seconds FROM runs ORDER BY rowid"),
+                                           "run"))
 
     def get(self, key: str, default: Any = None) -> Any:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        row = self._now(lambda: self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone())
         try:
             return json.loads(row[0]) if row else default
         except (ValueError, RecursionError, TypeError):
@@ -310,13 +416,17 @@ _TASK_INSERT = ("INSERT OR REPLACE INTO tasks (prompt_id, body, state, peer, att
                 " finished_at, attempt_log, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
 
 
-def _task_row(t: Task, public: bool = False) -> tuple[str, tuple]:
+def _task_values(t: Task, public: bool = False) -> tuple[str, Callable[[], tuple]]:
+    """A task's row as it is now, encoded later (on the database's thread): its body holds
+    the prompt, which may be tens of MB.  What changes afterwards is copied now."""
     body = {k: getattr(t, k) for k in _BODY}
+    body["messages"] = list(t.messages)
     if public:
         body["extra_data"] = {k: v for k, v in t.extra_data.items() if k not in SENSITIVE_KEYS}
     body["targets"] = sorted(t.targets) if t.targets is not None else None
-    return _TASK_INSERT, (t.prompt_id, json.dumps(body), t.state, t.peer, t.attempts, t.error, t.dispatched_at,
-                          t.started_at, t.finished_at, json.dumps(t.attempt_log), t.created)
+    row = (t.prompt_id, t.state.value, t.peer, t.attempts, t.error, t.dispatched_at, t.started_at, t.finished_at,
+           json.dumps(t.attempt_log), t.created)
+    return _TASK_INSERT, lambda: (row[0], json.dumps(body), *row[1:])
 
 
 def _readable(parse: Callable[[Any], Any], rows: Iterable, what: str) -> list:
@@ -340,18 +450,18 @@ def _identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _write_all(db: sqlite3.Connection, state: Snapshot) -> None:
+def _write_all(db: sqlite3.Connection, state: Snapshot, rows: list[tuple[str, Callable[[], tuple]]]) -> None:
     db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in state.meta.items()])
     db.executemany("INSERT INTO peers VALUES (?,?)", [(b.name, json.dumps(asdict(b))) for b in state.peers])
-    for t in state.tasks:
-        db.execute(*_task_row(t, public=t.state in TERMINAL))
+    for sql, values in rows:
+        db.execute(sql, values())
     db.executemany("INSERT INTO history VALUES (?,?,?)", [(p, pos, json.dumps(e)) for p, pos, e in state.history])
     db.executemany("INSERT INTO files VALUES (?,?,?,?)", [(*k, p) for k, p in state.files.items()])
     db.executemany("INSERT INTO runs VALUES (?,?,?)",
                    [(shape.key, json.dumps(shape.features), sec) for shape, sec in state.runs])
 
 
-def database_path(cfg) -> str | None:
+def database_path(cfg: Config) -> str | None:
     name = cfg.storage.database
     return None if name == ":memory:" else str(Path(cfg.storage.dir) / name)
 

@@ -10,10 +10,22 @@ from typing import Any, Iterator
 
 from . import jsonsafe
 from .cost import Shape, shape
+from .textenum import TextEnum
 
-# Task states, in the order a task normally moves through them.
-QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED = (
-    "queued", "dispatched", "running", "done", "failed", "cancelled")
+
+
+class State(TextEnum):
+    """A task's state, in the order a task normally moves through them; only the ledger
+    (ledger.py) changes it."""
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED = State
 TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 
 ITEM_JSON_KEPT = 1 << 20  # characters: a queue item's JSON kept for GET /queue up to this size
@@ -37,10 +49,10 @@ class Task:
     predicted: float | None = None  # the cost model's run time for it when dispatched
     secrets_dropped: bool = False  # its Comfy.org keys were taken out when it finished: rewrite its row
     verdict: Any = None  # asyncio.Future of its first peer's answer while its submitter waits for it
-    _shape: Shape | None = field(default=None, repr=False)
+    known_shape: Shape | None = field(default=None, repr=False)  # made at admission, off the event loop
     _item_json: str | None = field(default=None, repr=False)
     seq: int = 0
-    state: str = QUEUED
+    state: State = QUEUED
     peer: str | None = None
     attempts: int = 0
     error: str | None = None
@@ -57,9 +69,9 @@ class Task:
     @property
     def shape(self) -> Shape:
         """Its workflow and numbers, for the cost model (made once)."""
-        if self._shape is None:
-            self._shape = shape(self.prompt if self.prompt is not None else {})
-        return self._shape
+        if self.known_shape is None:
+            self.known_shape = shape(self.prompt if self.prompt is not None else {})
+        return self.known_shape
 
     def tell_verdict(self, status: int | None, body: Any) -> bool:
         """Hand the first peer's answer to a submitter waiting for it: True if one was."""
@@ -145,10 +157,13 @@ class TaskQueue:
         """New tasks sort after `seq` (tasks restored from an earlier run)."""
         self._seq = itertools.count(seq + 1)
 
+    def next_seq(self) -> int:
+        """The arrival number of a task about to be pushed (it is stored before it is queued)."""
+        return next(self._seq)
+
     def push(self, task: Task, *, keep_seq: bool = False) -> None:
         if not keep_seq:
             task.seq = next(self._seq)
-        task.state = QUEUED
         self._tasks[task.prompt_id] = task
         heapq.heappush(self._heap, (task.number, task.seq, task.prompt_id))
 

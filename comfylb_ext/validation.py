@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Generator
 
-Error = dict[str, Any]
+from .errors import Error
+from .errors import error as _err
+
 KnownFiles = Callable[[str], bool]
 InputInfo = list  # [input_type, extra]: ComfyUI's `input_config` tuple, as JSON sends it
 Check = Generator[str, bool, bool]  # yields a linked node id, is sent its validity
@@ -29,14 +31,6 @@ LIST_UPLOAD = "file_upload"
 # Model pickers (ckpt_name, lora_name …) list each peer's own files, and the catalog holds
 # one peer's definition of each node: capability.py checks their values against every peer.
 MODEL_PICKER = "_name"
-
-
-def _err(typ: str, message: str, details: str = "", extra: dict | None = None) -> Error:
-    return {"type": typ, "message": message, "details": details, "extra_info": extra or {}}
-
-
-def error_body(error: Error, node_errors: dict | None = None) -> dict:
-    return {"error": error, "node_errors": node_errors or {}}
 
 
 def _inputs_of(info: dict, category: str) -> dict:

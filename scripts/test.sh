@@ -36,5 +36,7 @@ for v in ${COMFYLB_OTHER_PYTHONS-3.10 3.13}; do
   echo "== unit tests on $("$other/bin/python" --version)"
   "$other/bin/python" -m pytest tests/unit -q -p no:cacheprovider
 done
+echo "== checking types (mypy; configured in pyproject.toml)"
+"$VENV/bin/python" -m mypy
 echo "== running the tests"
 exec "$VENV/bin/python" -m pytest "$@"

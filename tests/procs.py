@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-# Model-free workflows and the recorded real traffic, copied from shared/comfyui/.
+# Model-free workflows, and the traffic recorded from a real ComfyUI (transcript.md).
 DATA = REPO / "tests" / "data"
 WORKFLOWS = DATA
 

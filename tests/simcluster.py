@@ -12,20 +12,29 @@ from comfylb_ext.hosts.standalone import CLUSTER, build_app
 from comfylb_ext.sim import start_sim
 
 
-@contextlib.asynccontextmanager
-async def lb_over_sims(n: int = 2, max_queue: int = 1, sim_kw: list[dict] | None = None, **sections):
-    sims = [await start_sim(name=f"sim{i}", **((sim_kw or [{}] * n)[i])) for i in range(n)]
+async def start_balancer(backends: list[BackendConfig], storage_dir: str | None = None, **sections):
+    """The standalone balancer in this process over `backends`: (runner, cluster, url).
+    The same `storage_dir` again is a restart."""
     raw = {"health_check": {"interval": 0.5, "timeout": 1.0, "unhealthy_threshold": 1},
-           "storage": {"dir": tempfile.mkdtemp(prefix="comfylb-unit-")}, **sections}
+           "storage": {"dir": storage_dir or tempfile.mkdtemp(prefix="comfylb-unit-")}, **sections}
     cfg = parse(raw)
-    cfg.backends = [BackendConfig(name=f"sim{i}", port=s.port, max_queue=max_queue) for i, s in enumerate(sims)]
+    cfg.backends = backends
     app = build_app(cfg)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    cluster = app[CLUSTER]
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    return runner, app[CLUSTER], f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+def sim_backends(sims: list, max_queue: int = 1) -> list[BackendConfig]:
+    return [BackendConfig(name=f"sim{i}", port=s.port, max_queue=max_queue) for i, s in enumerate(sims)]
+
+
+@contextlib.asynccontextmanager
+async def lb_over_sims(n: int = 2, max_queue: int = 1, sim_kw: list[dict] | None = None, **sections):
+    sims = [await start_sim(name=f"sim{i}", **((sim_kw or [{}] * n)[i])) for i in range(n)]
+    runner, cluster, url = await start_balancer(sim_backends(sims, max_queue), **sections)
     try:
         await wait_for(lambda: all(p.available for p in cluster.peers.values()), cluster)
         yield url, sims, cluster

@@ -7,6 +7,7 @@ import json
 import logging
 import mimetypes
 import os
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterator
 from urllib.parse import quote, urlencode
 
@@ -15,24 +16,41 @@ from aiohttp import web
 
 from .. import jobs, jsonsafe
 from ..access import served_file_headers, without_token
+from ..catalog import ANSWER_WITHIN
 from ..dispatcher import Cluster
 from ..peer import Peer, PeerError, checked_path
 from ..tasks import RUNNING
 from ..uploads import TYPES, InputStore, UploadError, split_annotation
-from ..validation import _err, error_body
-from ..outputs import Copies, Copy, relay_headers
+from .. import errors
+from ..errors import Rejection
+from ..outputs import (Copies, Copy, Filling, Following, HostsOwn, OnDisk, Refused, Relayed, Unreachable,
+                       find_view, relay_headers)
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+STANDALONE, EXTENSION = "standalone", "extension"  # the hosts (hosts/standalone.py, hosts/comfyui.py)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route of ComfyUI's API as the cluster answers it."""
+    method: str
+    path: str  # as ComfyUI declares it: every host answers its `/api` twin too
+    handler: Handler
+    hosts: frozenset[str] = frozenset({STANDALONE, EXTENSION})  # the hosts that serve it
+
+    def serves(self, host: str) -> bool:
+        return host in self.hosts
+
+
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
-ANSWER_WITHIN = 5.0  # seconds a slow or dead peer may hold up an answer about the cluster
 _BODY_MESSAGES = {"size": "Request body too large", "depth": "Request body nested too deeply",
                   "items": "Request body holds too many values", "number": "Request body holds a number JSON does not allow"}
 
 
 def bad_request(message: str, details: str = "", typ: str = "invalid_request") -> web.Response:
-    return web.json_response(error_body(_err(typ, message, details)), status=400)
+    return web.json_response(errors.error_body(errors.error(typ, message, details)), status=400)
 
 
 def _file_headers(name: str) -> dict[str, str]:
@@ -144,6 +162,10 @@ class _JsonOut:
         return self.resp
 
 
+def _history_item(pid: str, entry: dict) -> Callable[[], str]:
+    return lambda: f"{json.dumps(pid)}: {jsonsafe.dumps(entry)}"
+
+
 async def _history_answer(request: web.Request, page: dict) -> web.StreamResponse:
     """{prompt_id: entry, …}, encoded in worker threads (entries never change once added)."""
     out = _JsonOut(request)
@@ -151,8 +173,7 @@ async def _history_answer(request: web.Request, page: dict) -> web.StreamRespons
     items = list(page.items())
     i = 0
     while i < len(items):
-        batch = await asyncio.to_thread(_encode_some, (
-            (lambda pid=pid, entry=entry: f"{json.dumps(pid)}: {jsonsafe.dumps(entry)}") for pid, entry in items[i:]))
+        batch = await asyncio.to_thread(_encode_some, (_history_item(pid, entry) for pid, entry in items[i:]))
         await out.add((", " if i else "") + ", ".join(batch))
         i += len(batch)
     await out.add("}")
@@ -173,35 +194,39 @@ class ComfyApi:
         self.own_files = own_files
         self.on_prompt = on_prompt
 
-    def routes(self) -> list[tuple[str, str, Handler]]:
-        """(method, path, handler) for every route; hosts add the `/api` twins."""
+    def routes(self) -> list[Route]:
+        """Every route of ComfyUI's API the cluster answers, in the order hosts try them;
+        each host serves those marked for it, `/x` and `/api/x` alike."""
+        # In the extension ComfyUI answers these itself: its uploads land in the folders the
+        # cluster reads from, and its web UI wants ComfyUI's own extensions and features.
+        mine = frozenset({STANDALONE})
         return [
-            ("POST", "/prompt", self.post_prompt),
-            ("GET", "/prompt", self.get_prompt),
-            ("GET", "/queue", self.get_queue),
-            ("POST", "/queue", self.post_queue),
-            ("POST", "/interrupt", self.post_interrupt),
-            ("GET", "/history", self.get_history),
-            ("GET", "/history/{prompt_id}", self.get_history_item),
-            ("POST", "/history", self.post_history),
-            ("GET", "/view", self.view),
-            ("POST", "/upload/image", self.upload_image),
-            ("POST", "/upload/mask", self.upload_mask),
-            ("GET", "/object_info", self.object_info),
-            ("GET", "/object_info/{node_class}", self.object_info_node),
-            ("GET", "/embeddings", self.union("/embeddings")),
-            ("GET", "/extensions", self.union("/extensions")),
-            ("GET", "/models", self.union("/models")),
-            ("GET", "/models/{folder}", self.models_folder),
-            ("GET", "/features", self.features),
-            ("POST", "/free", self.free),
-            ("GET", "/system_stats", self.system_stats),
-            ("GET", "/node_replacements", self.node_replacements),
+            Route("POST", "/prompt", self.post_prompt),
+            Route("GET", "/prompt", self.get_prompt),
+            Route("GET", "/queue", self.get_queue),
+            Route("POST", "/queue", self.post_queue),
+            Route("POST", "/interrupt", self.post_interrupt),
+            Route("GET", "/history", self.get_history),
+            Route("GET", "/history/{prompt_id}", self.get_history_item),
+            Route("POST", "/history", self.post_history),
+            Route("GET", "/view", self.view),
+            Route("POST", "/upload/image", self.upload_image, mine),
+            Route("POST", "/upload/mask", self.upload_mask, mine),
+            Route("GET", "/object_info", self.object_info),
+            Route("GET", "/object_info/{node_class}", self.object_info_node),
+            Route("GET", "/embeddings", self.union("/embeddings")),
+            Route("GET", "/extensions", self.union("/extensions"), mine),
+            Route("GET", "/models", self.union("/models")),
+            Route("GET", "/models/{folder}", self.models_folder),
+            Route("GET", "/features", self.features, mine),
+            Route("POST", "/free", self.free),
+            Route("GET", "/system_stats", self.system_stats),
+            Route("GET", "/node_replacements", self.node_replacements),
             # ComfyUI declares these with their /api prefix: hosts serve /api/jobs and /api/api/jobs
-            ("GET", "/api/jobs", self.get_jobs),
-            ("GET", "/api/jobs/{job_id}", self.get_job),
-            ("POST", "/api/jobs/{job_id}/cancel", self.cancel_job),
-            ("POST", "/api/jobs/cancel", self.cancel_jobs),
+            Route("GET", "/api/jobs", self.get_jobs),
+            Route("GET", "/api/jobs/{job_id}", self.get_job),
+            Route("POST", "/api/jobs/{job_id}/cancel", self.cancel_job),
+            Route("POST", "/api/jobs/cancel", self.cancel_jobs),
         ]
 
     # -- prompts and queue ---------------------------------------------------------------
@@ -209,26 +234,27 @@ class ComfyApi:
         try:
             data = await read_json(request, max_bytes=self.max_prompt_size)
         except BodyError as e:
-            return _json(error_body(_err("invalid_prompt", _BODY_MESSAGES.get(e.reason, "Invalid JSON in request body"),
+            return _json(errors.error_body(errors.error("invalid_prompt", _BODY_MESSAGES.get(e.reason, "Invalid JSON in request body"),
                                          str(e))), status=e.status)
         if self.on_prompt is not None:
             data = self.on_prompt(data)
-        status, body = self.cluster.submit(data)
-        task = self.cluster.tasks.get(body["prompt_id"]) if status == 200 else None
-        if task is not None:
-            refused = await self.cluster.verdict(task, ANSWER_WITHIN)
-            if refused is not None:
-                status, body = refused
-        return _json(body, status=status)
+        try:
+            task, node_errors = await self.cluster.submit(data, request.content_length or 0)
+        except Rejection as e:
+            return _json(e.body, status=e.status)
+        refused = await self.cluster.verdict(task, ANSWER_WITHIN)
+        if refused is not None:
+            return _json(refused[1], status=refused[0])
+        return _json({"prompt_id": task.prompt_id, "number": task.number, "node_errors": node_errors})
 
     async def get_prompt(self, request: web.Request) -> web.Response:
-        return web.json_response({"exec_info": {"queue_remaining": self.cluster.queue_remaining()}})
+        return web.json_response({"exec_info": {"queue_remaining": self.cluster.ledger.remaining()}})
 
     async def get_queue(self, request: web.Request) -> web.StreamResponse:
         # Each task's item is serialised once and kept (unless large): a queue of thousands
         # answers fast.  The others are serialised off the event loop, a few MB at a time,
         # and a large answer is streamed: a prompt can be tens of MB.
-        running, pending = self.cluster.queue_snapshot(polled=True)
+        running, pending = self.cluster.ledger.snapshot(polled=True)
         out = _JsonOut(request)
         for opening, tasks in (('{"queue_running": [', running), ('], "queue_pending": [', pending)):
             await out.add(opening)
@@ -251,7 +277,7 @@ class ComfyApi:
         try:
             data = await read_json(request, empty={})
         except BodyError as e:
-            return _json(error_body(_err("invalid_request", _BODY_MESSAGES.get(e.reason, "Invalid JSON in request body"),
+            return _json(errors.error_body(errors.error("invalid_request", _BODY_MESSAGES.get(e.reason, "Invalid JSON in request body"),
                                          str(e))), status=e.status)
         if not isinstance(data, dict):
             return bad_request("Request body must be a JSON object")
@@ -266,9 +292,9 @@ class ComfyApi:
             return parsed
         clear, ids = parsed
         if clear:
-            await self.cluster.clear()
+            await self.cluster.control.clear()
         if ids:
-            await self.cluster.delete(ids)
+            await self.cluster.control.delete(ids)
         return web.Response(status=200)
 
     async def post_interrupt(self, request: web.Request) -> web.Response:
@@ -277,7 +303,7 @@ class ComfyApi:
         except ValueError:
             data = {}  # ComfyUI treats an unreadable body as "interrupt everything"
         pid = data.get("prompt_id") if isinstance(data, dict) else None
-        await self.cluster.interrupt(str(pid) if pid is not None else None)
+        await self.cluster.control.interrupt(str(pid) if pid is not None else None)
         return web.Response(status=200)
 
     # -- jobs (today's ComfyUI; the newest frontend reads its queue and history only here) --
@@ -286,7 +312,7 @@ class ComfyApi:
             q = jobs.parse_query(request.rel_url.query)
         except jobs.JobsError as e:
             return web.json_response(e.body(), status=400)
-        running, pending = self.cluster.queue_snapshot()
+        running, pending = self.cluster.ledger.snapshot()
         listed = []
         for status, tasks in (("in_progress", running), ("pending", pending)):
             if status in q.statuses:
@@ -306,7 +332,7 @@ class ComfyApi:
         return web.json_response(jobs.queue_detail(task.queue_item(), status, create_time=task.create_time))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
-        return web.json_response({"cancelled": await self.cluster.cancel_job(param(request, "job_id"))})
+        return web.json_response({"cancelled": await self.cluster.control.cancel_job(param(request, "job_id"))})
 
     async def cancel_jobs(self, request: web.Request) -> web.Response:
         try:
@@ -321,11 +347,11 @@ class ComfyApi:
             return web.json_response(e.body(), status=400)
         cancelled = False
         for job_id in dict.fromkeys(ids):
-            cancelled = await self.cluster.cancel_job(job_id) or cancelled
+            cancelled = await self.cluster.control.cancel_job(job_id) or cancelled
         return web.json_response({"cancelled": cancelled})
 
     # -- history ---------------------------------------------------------------------------
-    async def get_history(self, request: web.Request) -> web.Response:
+    async def get_history(self, request: web.Request) -> web.StreamResponse:
         q = request.rel_url.query
         try:
             max_items = int(q["max_items"]) if "max_items" in q else None
@@ -341,7 +367,7 @@ class ComfyApi:
         pid = param(request, "prompt_id")
         entry = self.cluster.history.peek(pid)
         if entry is None:
-            self.cluster.history_item(pid)  # a miss while the job is live counts as polled
+            self.cluster.ledger.history_item(pid)  # a miss while the job is live counts as polled
             return web.json_response({})
         self.cluster.polls.forget(pid)  # as history_item() does for a hit, without its copy
         return await _history_answer(request, {pid: entry})
@@ -352,64 +378,38 @@ class ComfyApi:
             return parsed
         clear, ids = parsed
         if clear:
-            self.cluster.clear_history()
+            self.cluster.ledger.clear_history()
         if ids:
-            self.cluster.delete_history(ids)
+            self.cluster.ledger.delete_history(ids)
         return web.Response(status=200)
 
     # -- files -------------------------------------------------------------------------------
-    async def view(self, request: web.Request) -> web.StreamResponse | None:
-        q = request.rel_url.query
-        if "filename" not in q:
-            return web.Response(status=404)
-        name, annotated = split_annotation(q["filename"])
-        if not name:
-            return web.Response(status=400)
-        if name[0] == "/" or ".." in name or "\x00" in name:
-            return web.Response(status=400)
-        typ = annotated or q.get("type", "output")
-        if typ not in TYPES:
-            return web.Response(status=400)
-        sub = q.get("subfolder", "")
-        if os.path.isabs(sub) or ".." in sub.replace("\\", "/").split("/") or "\x00" in sub:
-            return web.Response(status=403)
-        base = os.path.basename(name)
-        peer = self.cluster.producer_of(typ, sub, base)
-        if peer is not None and peer.name == self.cluster.outputs.own:
-            return None  # written by the ComfyUI this runs in: it serves its own files
-        raw = "preview" not in q and q.get("channel", "rgba") == "rgba"
-        if typ == "output" and raw:
-            cached = self.cluster.outputs.cache.get(sub, base)
-            if cached is not None:
-                return web.FileResponse(cached, headers=_file_headers(base))
-            if peer is not None and self.cluster.outputs.cache.enabled:
-                try:
-                    copy, upstream = await self.cluster.outputs.open(peer, sub, base)
-                except PeerError as e:
-                    return _unreachable(peer, e)
-                if copy is None:
-                    return await self._relay(request, peer, upstream)
-                if upstream is not None or await copy.opened():
-                    return await self._send_copy(request, copy, upstream)
-                # the copy it would have followed was not to be (too large, not there, …)
-        if peer is not None:
-            return await self._relay(request, peer, "/view?" + without_token(request))
-        if self.own_files:
-            return None
-        stored = self.store.lookup(typ, sub, base)
-        if stored is None:
-            return web.Response(status=404)
-        if raw:
-            return web.FileResponse(self.store.path_of(stored), headers=_file_headers(base))
-        # A converted view (preview/channel) needs an image library: let a peer do it.
-        peer = self.cluster.any_peer()
-        if peer is None:
-            return web.Response(status=503, text="no peer available to convert the image")
-        try:
-            await peer.deliver(stored, self.store.path_of(stored))
-        except PeerError as e:
-            return web.Response(status=502, text=str(e))
-        return await self._relay(request, peer, "/view?" + without_token(request))
+    async def view(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve_view(request) or web.Response(status=404)
+
+    async def serve_view(self, request: web.Request) -> web.StreamResponse | None:
+        """The file a /view names, wherever outputs.find_view says it comes from; None:
+        the host serves it (the extension's own ComfyUI)."""
+        found = await find_view(self.cluster.outputs, self.store, request.rel_url.query,
+                                producer_of=self.cluster.producer_of, any_peer=self.cluster.any_peer,
+                                own_files=self.own_files)
+        match found:
+            case HostsOwn():
+                return None
+            case Refused(status, text):
+                return web.Response(status=status, text=text)
+            case OnDisk(path, name):
+                return web.FileResponse(path, headers=_file_headers(name))
+            case Following(copy):
+                return await self._send_copy(request, copy, None)
+            case Filling(copy, upstream):
+                return await self._send_copy(request, copy, upstream)
+            case Relayed(peer, upstream):
+                return await self._relay(request, peer,
+                                         upstream if upstream is not None else "/view?" + without_token(request))
+            case Unreachable(peer, error):
+                return _unreachable(peer, error)
+        raise AssertionError(f"unhandled view {found!r}")
 
     async def _send_copy(self, request: web.Request, copy: Copy,
                          upstream: aiohttp.ClientResponse | None) -> web.StreamResponse:
@@ -453,7 +453,7 @@ class ComfyApi:
         finally:
             upstream.release()
 
-    async def _upload_form(self, request: web.Request):
+    async def _upload_form(self, request: web.Request) -> tuple[Any, web.FileField, str, bytes] | web.Response:
         try:
             post = await request.post()
         except Exception as e:  # aiohttp raises several types for a broken multipart body
@@ -551,7 +551,7 @@ class ComfyApi:
     # -- node definitions and peer facts -------------------------------------------------------
     async def object_info(self, request: web.Request) -> web.Response:
         # ~20 MB with many custom nodes: encoded once per catalog, off the event loop
-        catalog = await self._catalog()
+        catalog = await self.catalog()
         cached = self._catalog_json
         if cached is None or cached[0] is not catalog:
             cached = self._catalog_json = (catalog, await jsonsafe.dumps_async(catalog))
@@ -559,33 +559,28 @@ class ComfyApi:
 
     async def object_info_node(self, request: web.Request) -> web.Response:
         cls = param(request, "node_class")
-        catalog = await self._catalog()
+        catalog = await self.catalog()
         return web.json_response({cls: catalog[cls]} if cls in catalog else {})
 
-    async def _catalog(self) -> dict:
+    async def catalog(self) -> dict:
         """The cluster's nodes; asked of the peers when none has answered yet, but never
         for longer than ANSWER_WITHIN: the web UI gives up on a request after 60 s."""
-        catalog = self.cluster.catalog()
-        if catalog is None:
-            asking = [self.cluster.spawn(self.cluster.refresh_object_info(p)) for p in self._live()]
-            if asking:
-                await asyncio.wait(asking, timeout=ANSWER_WITHIN)
-            catalog = self.cluster.catalog()
-        return catalog or {}
+        return await self.cluster.catalog.complete()
 
     async def node_replacements(self, request: web.Request) -> web.Response:
-        await self._catalog()
-        return web.json_response(self.cluster.node_replacements())
+        await self.catalog()
+        return web.json_response(self.cluster.catalog.swaps())
 
     def _live(self) -> list[Peer]:
         return [p for p in self.cluster.peers.values() if p.linked and not p.removed]
 
     def union(self, path: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:
-            return web.json_response(await self._union(path))
+            return web.json_response(await self.union_of(path))
         return handler
 
-    async def _union(self, path: str) -> list:
+    async def union_of(self, path: str) -> list:
+        """What the live peers list at `path`, each item once."""
         results = await asyncio.gather(*(p.get_json(path, timeout=ANSWER_WITHIN) for p in self._live()),
                                        return_exceptions=True)
         merged: dict = {}
@@ -597,10 +592,10 @@ class ComfyApi:
 
     async def models_folder(self, request: web.Request) -> web.Response:
         folder = param(request, "folder")
-        known = await self._union("/models")
+        known = await self.union_of("/models")
         if folder not in known:
             return web.Response(status=404)
-        return web.json_response(await self._union("/models/" + quote(folder, safe="")))
+        return web.json_response(await self.union_of("/models/" + quote(folder, safe="")))
 
     def feature_flags(self) -> dict:
         """What this server supports, for /features and the websocket's feature_flags

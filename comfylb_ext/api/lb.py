@@ -9,10 +9,11 @@ from ..access import Access, cross_site_refusal, matches, session_cookies, sessi
 from .. import jsonsafe
 from ..config import ConfigError, parse_backend
 from ..dispatcher import ITSELF, SCHEDULER_CHOICES, STATUS_EVENT, Cluster
-from ..tasks import QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED
+from ..peer import Peer
+from ..tasks import State
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-TASK_STATES = (QUEUED, DISPATCHED, RUNNING, DONE, FAILED, CANCELLED)
+TASK_STATES = State.names()
 
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
@@ -132,10 +133,7 @@ class LbApi:
         return web.json_response(self.cluster.snapshot())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        m = self.cluster.metrics
-        if not m.enabled:
-            return error(501, "metrics need the prometheus_client package: pip install prometheus_client")
-        body, content_type = m.render()
+        body, content_type = self.cluster.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -144,16 +142,17 @@ class LbApi:
     async def backends(self, request: web.Request) -> web.Response:
         return web.json_response({"backends": [p.describe() for p in self.cluster.peers.values()]})
 
-    def _peer(self, request: web.Request):
+    def _peer(self, request: web.Request) -> Peer | web.Response:
+        """The peer named in the path, or the 404 to answer."""
         name = request.match_info["name"]
         peer = self.cluster.peers.get(name)
         if peer is None or peer.removed:
-            return None, error(404, f"no backend named {name!r}")
-        return peer, None
+            return error(404, f"no backend named {name!r}")
+        return peer
 
     async def backend(self, request: web.Request) -> web.Response:
-        peer, err = self._peer(request)
-        return err or web.json_response(peer.describe())
+        peer = self._peer(request)
+        return peer if isinstance(peer, web.Response) else web.json_response(peer.describe())
 
     async def tasks(self, request: web.Request) -> web.Response:
         q = request.rel_url.query
@@ -207,9 +206,9 @@ class LbApi:
         return web.json_response(peer.describe(), status=201)
 
     async def remove_backend(self, request: web.Request) -> web.Response:
-        peer, err = self._peer(request)
-        if err:
-            return err
+        peer = self._peer(request)
+        if isinstance(peer, web.Response):
+            return peer
         await self.cluster.remove_peer(peer.name)
         return web.json_response({"removed": peer.name, "finishing": len(peer.tasks)})
 
@@ -220,9 +219,9 @@ class LbApi:
         return await self._set_enabled(request, False)
 
     async def _set_enabled(self, request: web.Request, enabled: bool) -> web.Response:
-        peer, err = self._peer(request)
-        if err:
-            return err
+        peer = self._peer(request)
+        if isinstance(peer, web.Response):
+            return peer
         self.cluster.set_enabled(peer.name, enabled)
         return web.json_response(peer.describe())
 
@@ -231,7 +230,7 @@ class LbApi:
         task = self.cluster.record.get(task_id)
         if task is None:
             return error(404, f"no task {task_id!r}")
-        if not await self.cluster.cancel(task_id):
+        if not await self.cluster.control.cancel(task_id):
             return error(409, f"task {task_id!r} has already ended ({task.state})", task=task.summary())
         return web.json_response(task.summary(), status=202)
 
@@ -244,7 +243,7 @@ class LbApi:
 
     def scheduler_setter(self, key: str, plural: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:
-            value, choices = request.match_info["value"], SCHEDULER_CHOICES[key]
+            value, choices = request.match_info["value"], SCHEDULER_CHOICES[key].names()
             if value not in choices:
                 return error(400, f"unknown {key} {value!r}", **{plural: list(choices)})
             self.cluster.set_scheduler(key, value)

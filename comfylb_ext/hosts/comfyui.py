@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .. import jsonsafe, replacements
 from ..access import Access, cross_site_refusal, is_loopback_client, listens_beyond_loopback, served_file_headers
-from ..api.comfy import ComfyApi
+from ..api.comfy import EXTENSION, ComfyApi, Handler, Route
 from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, load
 from ..dispatcher import Cluster
@@ -100,22 +100,26 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
     if not os.path.exists(path):
         log.info("ComfyLB: no config at %s (set COMFYLB_CONFIG or copy config.example.yaml there); "
                  "ComfyUI runs as usual", path)
-        return detached(server, f"no config at {path}: copy config.example.yaml there (or point COMFYLB_CONFIG "
+        detached(server, f"no config at {path}: copy config.example.yaml there (or point COMFYLB_CONFIG "
                                 "at one), list your peers under backends, then restart ComfyUI", path)
+        return None
     try:
         cfg = load(path)
     except ConfigError as e:
         log.error("ComfyLB: config error: %s; ComfyUI runs as usual", e)
-        return detached(server, f"config error: {e}; fix it, then restart ComfyUI", path)
+        detached(server, f"config error: {e}; fix it, then restart ComfyUI", path)
+        return None
     if not any(b.enabled for b in cfg.backends) and not cfg.local.enabled:
         log.info("ComfyLB: no enabled peer in %s; ComfyUI runs as usual", path)
-        return detached(server, f"no enabled peer in {path}: list your peers under backends, "
+        detached(server, f"no enabled peer in {path}: list your peers under backends, "
                                 "then restart ComfyUI", path)
+        return None
     if any(b.name == LOCAL for b in cfg.backends):
         log.error("ComfyLB: config error: %s: the backend name %r is reserved for the coordinator itself; "
                   "ComfyUI runs as usual", path, LOCAL)
-        return detached(server, f"config error: {path}: the backend name {LOCAL!r} is reserved for the "
+        detached(server, f"config error: {path}: the backend name {LOCAL!r} is reserved for the "
                                 "coordinator itself; rename that peer, then restart ComfyUI", path)
+        return None
     if not os.path.isabs(cfg.storage.dir):
         cfg.storage.dir = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.storage.dir)
     try:
@@ -136,7 +140,6 @@ def detached(server: Any, reason: str, path: str) -> None:
         return web.json_response({"attached": False, "reason": reason, "config": path})
 
     server.routes.get("/lb/state")(state)  # ComfyUI adds the /api twin
-    return None
 
 
 def _comfy_args() -> tuple[str, str | None]:
@@ -162,7 +165,7 @@ def _no_local_assets() -> None:
     database, which holds none of the peers' outputs: turn the flag off, so the UI lists
     them from /api/jobs, which describes the cluster."""
     try:
-        from comfy_api import feature_flags  # only inside ComfyUI
+        from comfy_api import feature_flags  # type: ignore[import-not-found]  # only inside ComfyUI
     except ImportError:
         return
     flags = getattr(feature_flags, "SERVER_FEATURE_FLAGS", None)
@@ -173,6 +176,163 @@ def _no_local_assets() -> None:
 
 def _compile(path: str) -> re.Pattern:
     return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+
+
+async def _local_json(request: web.Request, original: Handler) -> Any:
+    """This ComfyUI's own answer, or None (a route it lacks raises HTTPNotFound)."""
+    try:
+        resp = await original(request)
+        body = resp.body if isinstance(resp, web.Response) and resp.content_type == "application/json" else None
+        if resp.status != 200 or not isinstance(body, (bytes, bytearray)) or not body:
+            return None  # a static file: not an API answer
+        return json.loads(body)
+    except (web.HTTPException, ValueError):
+        return None
+
+
+def _merged(local: Any, remote: list | None) -> list:
+    """The items of this ComfyUI's list and the peers', each once."""
+    return list({json.dumps(x, sort_keys=True): x for x in (local or []) + (remote or [])}.values())
+
+
+class Overrides:
+    """The extension's answers to the routes where this ComfyUI's own answer counts too (its
+    files, its nodes, its devices, …): each intercept gets ComfyUI's handler as `original`.
+    Every other route of the table the cluster answers alone."""
+
+    def __init__(self, api: ComfyApi, cluster: Cluster, cfg: Config) -> None:
+        self.api, self.cluster, self.cfg = api, cluster, cfg
+
+    def table(self) -> dict[tuple[str, str], Intercept]:
+        """(method, path as in ComfyApi.routes()) → intercept."""
+        return {
+            ("POST", "/interrupt"): self.interrupt,
+            ("GET", "/view"): self.view,
+            ("GET", "/object_info"): self.object_info,
+            ("GET", "/object_info/{node_class}"): self.object_info_node,
+            ("GET", "/embeddings"): self.union("/embeddings"),
+            ("GET", "/models"): self.union("/models"),
+            ("GET", "/models/{folder}"): self.models_folder,
+            ("GET", "/system_stats"): self.system_stats,
+            ("POST", "/free"): self.free,
+            ("GET", "/node_replacements"): self.node_replacements,
+        }
+
+    async def view(self, request: web.Request, original: Handler) -> web.StreamResponse:
+        resp = await self.api.serve_view(request)
+        if resp is not None:
+            return resp
+        resp = await original(request)  # a file of this ComfyUI's own
+        if resp.status == 200 and not resp.prepared:
+            # ComfyUI 0.3.75 shows an SVG (and XML, XSL) inline: a script in it would run as this origin
+            name = os.path.basename(split_annotation(request.rel_url.query.get("filename", ""))[0])
+            resp.headers.update(served_file_headers(resp.headers.get("Content-Type") or mimetypes.guess_type(name)[0],
+                                                    name, resp.headers.get("Content-Disposition")))
+        return resp
+
+    async def interrupt(self, request: web.Request, original: Handler) -> web.StreamResponse:
+        try:
+            data = jsonsafe.loads(await request.read() or b"{}")
+        except ValueError:
+            data = {}
+        pid = data.get("prompt_id") if isinstance(data, dict) else None
+        if pid is not None and str(pid) not in self.cluster.tasks:
+            return await original(request)  # not ours: ComfyUI's own prompt
+        if not await self.cluster.control.interrupt(str(pid) if pid is not None else None) and pid is None:
+            return await original(request)  # nothing of ours runs: whatever this ComfyUI runs
+        return web.Response(status=200)
+
+    async def object_info(self, request: web.Request, original: Handler) -> web.StreamResponse:
+        local = await _local_json(request, original) or {}
+        return web.json_response({**local, **await self.api.catalog()})
+
+    async def object_info_node(self, request: web.Request, original: Handler) -> web.StreamResponse:
+        peers = await self.api.catalog()
+        cls = request["comfylb_params"]["node_class"]
+        if cls in peers:
+            return web.json_response({cls: peers[cls]})
+        return await original(request)
+
+    def union(self, path: str) -> Intercept:
+        async def intercept(request: web.Request, original: Handler) -> web.StreamResponse:
+            return web.json_response(_merged(await _local_json(request, original), await self.api.union_of(path)))
+        return intercept
+
+    async def models_folder(self, request: web.Request, original: Handler) -> web.StreamResponse:
+        folder = request["comfylb_params"]["folder"]
+        local = await _local_json(request, original)
+        remote = await self.api.union_of(f"/models/{folder}") if folder in await self.api.union_of("/models") else None
+        if local is None and remote is None:
+            return web.Response(status=404)
+        return web.json_response(_merged(local, remote))
+
+    async def node_replacements(self, request: web.Request, original: Handler) -> web.StreamResponse:
+        local = replacements.parse(await _local_json(request, original))
+        await self.api.catalog()
+        return web.json_response(replacements.merge([local, self.cluster.catalog.swaps()]))
+
+    async def free(self, request: web.Request, original: Handler) -> web.StreamResponse:
+        await self.api.free(request)  # the peers free theirs; this ComfyUI its own
+        return await original(request)
+
+    async def system_stats(self, request: web.Request, original: Handler) -> web.StreamResponse:
+        local = await _local_json(request, original) or {}
+        devices = [dict(d, peer=LOCAL) for d in local.get("devices", [])] if self.cfg.local.enabled else []
+        for p in self.cluster.peers.values():
+            if p.name != LOCAL and p.system_stats and not p.removed:
+                devices += [dict(d, peer=p.name) for d in p.system_stats.get("devices", [])]
+        return web.json_response({"system": local.get("system", {}), "devices": devices})
+
+
+def _cluster_only(handler: Handler) -> Intercept:
+    """The cluster answers; the coordinator's own handler is not asked."""
+    async def intercept(request: web.Request, original: Handler) -> web.StreamResponse:
+        return await handler(request)
+    return intercept
+
+
+def intercepts(routes: list[Route], overrides: dict[tuple[str, str], Intercept]
+               ) -> list[tuple[str, re.Pattern, Intercept]]:
+    """The routes this host serves, as the middleware matches them: against the request's
+    path with one `/api` taken off (ComfyUI's `/x` and `/api/x` alike), so a route ComfyUI
+    declares as `/api/x` is matched as `/x` (its /api/x) and as `/api/x` (its /api/api/x)."""
+    served = [r for r in routes if r.serves(EXTENSION)]
+    unknown = overrides.keys() - {(r.method, r.path) for r in served}
+    if unknown:
+        raise ValueError(f"overrides for routes the extension does not serve: {sorted(unknown)}")
+    table = []
+    for r in served:
+        intercept = overrides.get((r.method, r.path)) or _cluster_only(r.handler)
+        for path in ([r.path[4:], r.path] if r.path.startswith("/api/") else [r.path]):
+            table.append((r.method, _compile(path), intercept))
+    return table
+
+
+def match(table: list[tuple[str, re.Pattern, Intercept]], method: str, path: str
+          ) -> tuple[Intercept, dict[str, str]] | None:
+    """The intercept answering a request, with its path parameters; None: ComfyUI's own."""
+    path = path[4:] if path.startswith("/api/") else path
+    for m, pattern, intercept in table:
+        if m == method:
+            found = pattern.match(path)
+            if found is not None:
+                return intercept, found.groupdict()
+    return None
+
+
+def _middleware(table: list[tuple[str, re.Pattern, Intercept]], access: Access, secret: str) -> Any:
+    @web.middleware
+    async def comfylb_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.headers.get(BYPASS) == secret:
+            return await handler(request)
+        found = match(table, request.method, request.path)
+        if found is None:
+            return await handler(request)
+        if not access.origin_ok(request, api=True):
+            return cross_site_refusal(request.path)  # a page elsewhere must not queue on (or stop) the peers
+        intercept, request["comfylb_params"] = found
+        return await intercept(request, handler)
+    return comfylb_middleware
 
 
 def attach(server: Any, cfg: Config) -> Cluster:
@@ -189,138 +349,15 @@ def attach(server: Any, cfg: Config) -> Cluster:
     cluster = Cluster(cfg, PromptServerHub(server), store, open_store(database_path(cfg)))
     cluster.outputs.own = LOCAL if cfg.local.enabled else None
     api = ComfyApi(cluster, store, own_files=True, on_prompt=server.trigger_on_prompt)
-
-    def cluster_only(handler) -> Intercept:
-        """The cluster answers; the coordinator's own handler is not asked."""
-        async def intercept(request, original):
-            return await handler(request)
-        return intercept
-
-    async def view(request, original):
-        resp = await api.view(request)
-        if resp is not None:
-            return resp
-        resp = await original(request)  # a file of this ComfyUI's own
-        if resp.status == 200 and not resp.prepared:
-            # ComfyUI 0.3.75 shows an SVG (and XML, XSL) inline: a script in it would run as this origin
-            name = os.path.basename(split_annotation(request.rel_url.query.get("filename", ""))[0])
-            resp.headers.update(served_file_headers(resp.headers.get("Content-Type") or mimetypes.guess_type(name)[0],
-                                                    name, resp.headers.get("Content-Disposition")))
-        return resp
-
-    async def interrupt(request, original):
-        try:
-            data = jsonsafe.loads(await request.read() or b"{}")
-        except ValueError:
-            data = {}
-        pid = data.get("prompt_id") if isinstance(data, dict) else None
-        if pid is not None and str(pid) not in cluster.tasks:
-            return await original(request)  # not ours: ComfyUI's own prompt
-        if not await cluster.interrupt(str(pid) if pid is not None else None) and pid is None:
-            return await original(request)  # nothing of ours runs: whatever this ComfyUI runs
-        return web.Response(status=200)
-
-    async def local_json(request, original) -> Any:
-        """This ComfyUI's own answer, or None (a route it lacks raises HTTPNotFound)."""
-        try:
-            resp = await original(request)
-            body = resp.body if isinstance(resp, web.Response) and resp.content_type == "application/json" else None
-            return json.loads(body) if resp.status == 200 and body else None  # a static file: not an API answer
-        except (web.HTTPException, ValueError):
-            return None
-
-    async def object_info(request, original):
-        local = await local_json(request, original) or {}
-        return web.json_response({**local, **await api._catalog()})
-
-    async def object_info_node(request, original):
-        peers = await api._catalog()
-        cls = request["comfylb_params"]["node_class"]
-        if cls in peers:
-            return web.json_response({cls: peers[cls]})
-        return await original(request)
-
-    def union(path: str) -> Intercept:
-        async def intercept(request, original):
-            local = await local_json(request, original)
-            merged = {json.dumps(x, sort_keys=True): x for x in (local or []) + await api._union(path)}
-            return web.json_response(list(merged.values()))
-        return intercept
-
-    async def models_folder(request, original):
-        folder = request["comfylb_params"]["folder"]
-        local = await local_json(request, original)
-        remote = await api._union(f"/models/{folder}") if folder in await api._union("/models") else None
-        if local is None and remote is None:
-            return web.Response(status=404)
-        merged = {json.dumps(x, sort_keys=True): x for x in (local or []) + (remote or [])}
-        return web.json_response(list(merged.values()))
-
-    async def node_replacements(request, original):
-        local = replacements.parse(await local_json(request, original))
-        await api._catalog()
-        return web.json_response(replacements.merge([local, cluster.node_replacements()]))
-
-    async def free(request, original):
-        await api.free(request)  # the peers free theirs; this ComfyUI its own
-        return await original(request)
-
-    async def system_stats(request, original):
-        local = await local_json(request, original) or {}
-        devices = [dict(d, peer=LOCAL) for d in local.get("devices", [])] if cfg.local.enabled else []
-        for p in cluster.peers.values():
-            if p.name != LOCAL and p.system_stats and not p.removed:
-                devices += [dict(d, peer=p.name) for d in p.system_stats.get("devices", [])]
-        return web.json_response({"system": local.get("system", {}), "devices": devices})
-
-    table: list[tuple[str, str, Intercept]] = [
-        ("POST", "/prompt", cluster_only(api.post_prompt)),
-        ("GET", "/prompt", cluster_only(api.get_prompt)),
-        ("GET", "/queue", cluster_only(api.get_queue)),
-        ("POST", "/queue", cluster_only(api.post_queue)),
-        ("POST", "/interrupt", interrupt),
-        ("GET", "/history", cluster_only(api.get_history)),
-        ("GET", "/history/{prompt_id}", cluster_only(api.get_history_item)),
-        ("POST", "/history", cluster_only(api.post_history)),
-        ("GET", "/view", view),
-        ("GET", "/object_info", object_info),
-        ("GET", "/object_info/{node_class}", object_info_node),
-        ("GET", "/embeddings", union("/embeddings")),
-        ("GET", "/models", union("/models")),
-        ("GET", "/models/{folder}", models_folder),
-        ("GET", "/system_stats", system_stats),
-        ("POST", "/free", free),
-        ("GET", "/node_replacements", node_replacements),
-    ]
-    # The jobs API, whether or not this ComfyUI has its own: /api/jobs arrives here as
-    # /jobs (the middleware strips /api), and ComfyUI's /api/api/jobs twin as /api/jobs.
-    for method, path, handler in api.routes():
-        if path.startswith("/api/"):
-            table += [(method, path[4:], cluster_only(handler)), (method, path, cluster_only(handler))]
-    compiled = [(m, _compile(p), h) for m, p, h in table]
+    # The jobs API is answered whether or not this ComfyUI has its own.
+    table = intercepts(api.routes(), Overrides(api, cluster, cfg).table())
     # ComfyUI's --listen decides who can reach /lb/*: beyond localhost, a token or this machine only
     listen, cors = _comfy_args()
     access = Access.of(cfg, loopback_only=listens_beyond_loopback(listen) and not cfg.auth.allow_open,
                        api_origins=frozenset({cors.strip().lower().rstrip("/")}) if cors else frozenset(),
                        cookie_paths=("/lb", "/api/lb"))
     log.info("ComfyLB: %s", access.describe(api=False))
-
-    @web.middleware
-    async def comfylb_middleware(request: web.Request, handler):
-        if request.headers.get(BYPASS) == secret:
-            return await handler(request)
-        path = request.path[4:] if request.path.startswith("/api/") else request.path
-        for method, pattern, intercept in compiled:
-            if method == request.method:
-                m = pattern.match(path)
-                if m is not None:
-                    if not access.origin_ok(request, api=True):
-                        return cross_site_refusal(path)  # a page elsewhere must not queue on (or stop) the peers
-                    request["comfylb_params"] = m.groupdict()
-                    return await intercept(request, handler)
-        return await handler(request)
-
-    server.app.middlewares.append(comfylb_middleware)
+    server.app.middlewares.append(_middleware(table, access, secret))
 
     async def sign(request: web.Request, response: web.StreamResponse) -> None:
         if request.headers.get(BYPASS) != secret:  # the `local` peer is this ComfyUI on purpose
@@ -328,7 +365,7 @@ def attach(server: Any, cfg: Config) -> Cluster:
     server.app.on_response_prepare.append(sign)
     for method, path, handler in LbApi(cluster, access).routes():
         server.routes.route(method, path)(handler)  # ComfyUI adds the /api twin
-    server.get_queue_info = lambda: {"exec_info": {"queue_remaining": cluster.queue_remaining()}}
+    server.get_queue_info = lambda: {"exec_info": {"queue_remaining": cluster.ledger.remaining()}}
     _no_local_assets()
 
     async def start(app: web.Application) -> None:

@@ -1,27 +1,31 @@
 """The standalone host: ComfyLB's own aiohttp server in front of the peers."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..access import Access, cross_site_refusal
-from ..api.comfy import MAX_UPLOAD_SIZE, ComfyApi
+from ..api.comfy import MAX_UPLOAD_SIZE, STANDALONE, ComfyApi
 from ..api.lb import LbApi
 from ..config import Config
 from ..dispatcher import Cluster
 from ..peer import INSTANCE_HEADER
-from ..validation import _err, error_body
+from .. import errors
 from ..store import database_path, open_store
 from ..uploads import InputStore
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 CLUSTER = web.AppKey("cluster", Cluster)
+CLOSE_WITHIN = 2.0  # seconds a client may take to answer the close of its socket at shutdown
 
 
 class SocketHub:
@@ -82,8 +86,22 @@ class SocketHub:
             for ws in targets:
                 await _quietly(ws.send_bytes(frame))
 
+    async def close_all(self) -> None:
+        """Close every client socket as a server going away does (ComfyUI's web UI then
+        reconnects): an open socket holds aiohttp's graceful shutdown until its handler
+        ends, which a connected client never lets happen."""
+        closing = [asyncio.ensure_future(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown"))
+                   for group in self.sockets.values() for ws in group]
+        if not closing:
+            return
+        # a client that never answers the close frame must not hold the shutdown either
+        _, late = await asyncio.wait(closing, timeout=CLOSE_WITHIN)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
 
-async def _quietly(coro) -> None:
+
+async def _quietly(coro: Awaitable[Any]) -> None:
     try:
         await coro
     except (ConnectionError, RuntimeError):
@@ -99,17 +117,9 @@ def web_dir() -> Path:
     raise FileNotFoundError("the panel's web/ folder is missing from this installation")
 
 
-def build_app(cfg: Config) -> web.Application:
-    hub = SocketHub()
-    store = InputStore(Path(cfg.storage.dir) / "files")
-    cluster = Cluster(cfg, hub, store, open_store(database_path(cfg)))
-    api = ComfyApi(cluster, store, MAX_UPLOAD_SIZE)
-    # the panel's session cookie also opens /ws, which its page uses for live state
-    access = Access.of(cfg, cookie_paths=("/lb", "/ws"))
-    log.info("access: %s", access.describe())
-
+def _guard(access: Access) -> Any:
     @web.middleware
-    async def guard(request: web.Request, handler):
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Cross-site requests, and ComfyUI's client API and /ws when a token guards them
         (LbApi guards /lb/* itself, as in the extension)."""
         path = request.path
@@ -118,12 +128,22 @@ def build_app(cfg: Config) -> web.Application:
         if path.startswith("/lb/") or path == "/" or path.startswith("/comfylb/"):
             return await handler(request)
         if access.api_token and not access.api_allowed(request):
-            return web.json_response(error_body(_err("unauthorized", "A token is needed for this ComfyLB",
+            return web.json_response(errors.error_body(errors.error("unauthorized", "A token is needed for this ComfyLB",
                                                      "send Authorization: Bearer <token> or ?token=<token>")),
                                      status=401)
         return await handler(request)
+    return guard
 
-    app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[guard])
+
+def build_app(cfg: Config) -> web.Application:
+    hub = SocketHub()
+    store = InputStore(Path(cfg.storage.dir) / "files")
+    cluster = Cluster(cfg, hub, store, open_store(database_path(cfg)))
+    api = ComfyApi(cluster, store, MAX_UPLOAD_SIZE)
+    # the panel's session cookie also opens /ws, which its page uses for live state
+    access = Access.of(cfg, cookie_paths=("/lb", "/ws"))
+    log.info("access: %s", access.describe())
+    app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[_guard(access)])
     app[CLUSTER] = cluster
 
     async def sign(request: web.Request, response: web.StreamResponse) -> None:
@@ -137,7 +157,7 @@ def build_app(cfg: Config) -> web.Application:
         hub.add(sid, ws)
         try:
             await ws.send_json({"type": "status", "data": {
-                "status": {"exec_info": {"queue_remaining": cluster.queue_remaining()}}, "sid": sid}})
+                "status": {"exec_info": {"queue_remaining": cluster.ledger.remaining()}}, "sid": sid}})
             await cluster.relay.deliver_kept(sid)  # results of prompts that ended while it was away
             first = True
             async for msg in ws:
@@ -165,17 +185,22 @@ def build_app(cfg: Config) -> web.Application:
     app.router.add_static("/comfylb/js", web_root / "js")
     for method, path, handler in LbApi(cluster, access).routes():
         app.router.add_route(method, path, handler)
-    for method, path, handler in api.routes():
-        app.router.add_route(method, "/api" + path, handler)
-        app.router.add_route(method, path, handler)
+    for route in api.routes():
+        if route.serves(STANDALONE):
+            app.router.add_route(route.method, "/api" + route.path, route.handler)
+            app.router.add_route(route.method, route.path, route.handler)
     app.router.add_route("*", "/{tail:.*}", api.forward)  # last: only what nothing above answers
 
     async def on_startup(app: web.Application) -> None:
         await cluster.start()
 
+    async def on_shutdown(app: web.Application) -> None:
+        await hub.close_all()
+
     async def on_cleanup(app: web.Application) -> None:
         await cluster.stop()
 
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app

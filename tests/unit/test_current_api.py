@@ -203,7 +203,7 @@ async def test_object_info_answers_while_a_peer_never_does():
             from comfylb_ext.config import BackendConfig
             cluster.add_peer(BackendConfig(name="stuck", port=port))
             await wait_for(lambda: cluster.peers["stuck"].available, cluster)
-            cluster._catalog = None
+            cluster.catalog.invalidate()
             for p in cluster.peers.values():
                 p.object_info = None  # as after a restart: nothing known yet
             async with Client(url) as c:

@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from tests.client import Client, invert_prompt, sleep_prompt
-from tests.simcluster import lb_over_sims, wait_for
+from tests.simcluster import lb_over_sims, sim_backends, start_balancer, wait_for
 
 
 async def test_queue_full_answers_503_in_comfyuis_error_shape():
@@ -106,23 +106,13 @@ async def test_delete_reaches_prompts_waiting_on_a_peer():
 
 
 async def test_restart_keeps_queue_history_and_prompts_on_peers(tmp_path):
-    from aiohttp import web
-
-    from comfylb_ext.config import BackendConfig, parse
-    from comfylb_ext.hosts.standalone import CLUSTER, build_app
     from comfylb_ext.sim import start_sim
 
     sim = await start_sim(name="sim0")
 
     async def coordinator():
-        cfg = parse({"storage": {"dir": str(tmp_path)}, "health_check": {"interval": 0.5, "timeout": 1.0}})
-        cfg.backends = [BackendConfig(name="sim0", port=sim.port, max_queue=1)]
-        app = build_app(cfg)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return runner, app[CLUSTER], f"http://127.0.0.1:{runner.addresses[0][1]}"
+        return await start_balancer(sim_backends([sim]), str(tmp_path),
+                                    health_check={"interval": 0.5, "timeout": 1.0})
 
     try:
         runner, cluster, url = await coordinator()

@@ -10,28 +10,20 @@ import subprocess
 import sys
 
 import pytest
-from aiohttp import web
 
 from comfylb_ext import dispatcher
-from comfylb_ext.config import BackendConfig, parse
-from comfylb_ext.hosts.standalone import CLUSTER, build_app
 from comfylb_ext.sim import start_sim
 from tests.client import Client, sleep_prompt
-from tests.simcluster import wait_for
+from tests.simcluster import sim_backends, start_balancer, wait_for
 
 
 @contextlib.asynccontextmanager
 async def coordinator(tmp_path, sims, **sections):
-    cfg = parse({"storage": {"dir": str(tmp_path)}, "health_check": {"interval": 0.5, "timeout": 1.0}, **sections})
-    cfg.backends = [BackendConfig(name=f"sim{i}", port=s.port, max_queue=1) for i, s in enumerate(sims)]
-    app = build_app(cfg)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    cluster = app[CLUSTER]
+    runner, cluster, url = await start_balancer(sim_backends(sims), str(tmp_path),
+                                                **{"health_check": {"interval": 0.5, "timeout": 1.0}, **sections})
     try:
         await wait_for(lambda: all(p.available for p in cluster.peers.values()), cluster)
-        yield cluster, f"http://127.0.0.1:{runner.addresses[0][1]}"
+        yield cluster, url
     finally:
         await runner.cleanup()
 

@@ -222,10 +222,10 @@ async def test_a_malformed_object_info_from_one_disabled_peer_breaks_no_prompt(i
         async with lb_over_sims(1) as (url, sims, cluster):
             bad = await add(cluster, "bad", port, enabled=False, available=False)
             await wait_for(lambda: bad.linked, cluster)
-            await cluster.refresh_object_info(bad)
+            await cluster.catalog.refresh(bad)
             if first:  # its definitions come first in the cluster's catalog
                 cluster.peers["sim0"] = cluster.peers.pop("sim0")
-            cluster._catalog = None
+            cluster.catalog.invalidate()
             async with Client(url) as c:
                 run = await c.run(sleep_prompt(0))
                 assert "execution_success" in run.types()

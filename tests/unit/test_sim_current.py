@@ -1,5 +1,5 @@
-"""The simulated peer must behave like today's ComfyUI (server ~0.38: shared/comfyui/api-current.md
-§1, §2, §3, §5), driven directly over HTTP and websocket."""
+"""The simulated peer must behave like today's ComfyUI (server ~0.38: the jobs API, the new
+/prompt rules, websocket changes, /free and settings), driven directly over HTTP and websocket."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +13,8 @@ import pytest
 
 from comfylb_ext.jobs import is_canonical_uuid
 from comfylb_ext.sim import start_sim
-from comfylb_ext.validation import error_body, validate
+from comfylb_ext.errors import error_body
+from comfylb_ext.validation import validate
 from tests.client import Client, invert_prompt, sleep_prompt
 from tests.procs import DATA
 

@@ -1,5 +1,5 @@
-"""The simulated peer must send what real ComfyUI sends (tests/data/transcript.md, the
-recording in shared/comfyui/)."""
+"""The simulated peer must send what real ComfyUI sends (tests/data/transcript.md, recorded
+from a real ComfyUI)."""
 import re
 
 import pytest

@@ -36,7 +36,7 @@ from .peerevents import PeerEvents
 from .recovery import Recovery
 from .relay import Hub, Relay
 from .scheduler import SchedulerState, longest_first, pick
-from .store import Snapshot, StateStore, Store, StoreError
+from .store import BIG_ROW, Snapshot, StateStore, Store, StoreError
 from .tasks import DISPATCHED, QUEUED, Task
 from .uploads import InputStore, file_ref
 
@@ -56,7 +56,6 @@ KEPT_CHECK_EVERY = 0.5            # seconds between looks for returned clients w
 ITSELF = ("this address is this ComfyLB itself, not a peer: list the other ComfyUI instances under backends "
           "(127.0.0.1:8188 is ComfyUI's own default address)")
 STORE_CHECK_EVERY = 2.0           # seconds between checks that the state database is still there and writable
-BIG_PROMPT = 1 << 20              # bytes: a prompt this large is checked off the event loop
 
 
 class Cluster:
@@ -300,11 +299,11 @@ class Cluster:
         prompt (`size` bytes) is checked off the event loop: it may take a second."""
         number = admission.number(data, self.ledger.numbering)
         ctx = self.admission_context()
-        checked = (await asyncio.to_thread(admission.check, data, number, ctx) if size > BIG_PROMPT
+        checked = (await asyncio.to_thread(admission.check, data, number, ctx) if size > BIG_ROW
                    else admission.check(data, number, ctx))
-        return await self.accept(checked), checked.node_errors
+        return await self.accept(checked, size), checked.node_errors
 
-    async def accept(self, c: Checked) -> Task:
+    async def accept(self, c: Checked, size: int = 0) -> Task:
         if self.ledger.taken(c.prompt_id):
             raise Rejection(409, error("duplicate_prompt_id", "A prompt with this prompt_id is already pending or "
                                        "running.", c.prompt_id))
@@ -312,7 +311,7 @@ class Cluster:
             raise Rejection(503, error("queue_full", "The queue is full; try again later.",
                                        f"{len(self.ledger.queue)} prompts are waiting (queue.max_size)"))
         task = Task(c.prompt_id, c.number, c.prompt, c.extra_data, c.outputs, client_id=c.client_id,
-                    partial_targets=c.partial, targets=c.targets, known_shape=c.shape)
+                    partial_targets=c.partial, targets=c.targets, known_shape=c.shape, size=size)
         task.req = c.req
         try:
             await self.ledger.accepted(task)

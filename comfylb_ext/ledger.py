@@ -19,7 +19,7 @@ from .history import History
 from .notify import Notifier
 from .polls import Polls
 from .relay import Relay
-from .store import StateStore, StoreError
+from .store import BIG_ROW, StateStore, StoreError
 from .tasks import (CANCELLED, DISPATCHED, DONE, FAILED, QUEUED, RUNNING, TERMINAL, Numbering, State, Task,
                     TaskQueue)
 
@@ -247,7 +247,7 @@ class Ledger:
         entry = self.history.add(task.prompt_id, entry)
         if task.prompt_id in self.tasks:
             self.polls.ended(task.prompt_id, task)
-        self.db.add_history(task.prompt_id, entry["prompt"][0], entry)
+        self.db.add_history(task.prompt_id, entry["prompt"][0], entry, big=task.size > BIG_ROW)
         if len(self.history) % PRUNE_EVERY == 0:
             self.db.prune_history(self.history.max_size)
             self.db.prune_tasks(RECORD_SIZE)

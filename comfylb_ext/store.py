@@ -5,10 +5,11 @@ learns from.
 Write-through from the coordinator at every state change (WAL mode: a commit survives the
 process being killed).  `Store(None)` keeps nothing, for tests and throw-away runs.
 
-Every use of the database happens on one thread of its own, in the order asked: a prompt
-of tens of MB is encoded and written there, not on the event loop, and writes never wait
-for each other's callers.  Adding a task is awaited (a prompt is acknowledged only once it
-is on disk); other writes are queued; reads (at start) wait for the writes before them.
+A prompt of tens of MB is encoded and written on a thread of the database's own, not on
+the event loop.  Writes keep the order they were asked in: a small one runs at once when
+nothing waits for that thread (the thread-hop would cost more than the write), else it
+queues behind the others.  Adding a task is awaited (a prompt is acknowledged only once it
+is on disk); reads (at start) come after the writes asked before them.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .tasks import SENSITIVE_KEYS, TERMINAL, State, Task
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+BIG_ROW = 1 << 20  # bytes of a task's request: its rows are encoded and written on the database's thread
 Params = Any  # a statement's parameters, or a function that makes them (on the database's thread)
 
 SCHEMA = """
@@ -73,7 +75,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (shape BLOB NOT NULL, features TEXT NOT NULL, seconds REAL NOT NULL);
 """
 
-_BODY = ("number", "seq", "prompt", "extra_data", "outputs", "client_id", "partial_targets", "messages")
+_BODY = ("number", "seq", "prompt", "extra_data", "outputs", "client_id", "partial_targets", "messages", "size")
 
 
 class StoreError(Exception):
@@ -107,7 +109,7 @@ class StateStore(Protocol):
     def update_task(self, t: Task) -> None: ...
     def load_tasks(self, finished: int) -> list[Task]: ...
     def prune_tasks(self, keep: int) -> None: ...
-    def add_history(self, prompt_id: str, position: int, entry: dict) -> None: ...
+    def add_history(self, prompt_id: str, position: int, entry: dict, big: bool = False) -> None: ...
     def delete_history(self, prompt_ids: Iterable[str]) -> None: ...
     def clear_history(self) -> None: ...
     def prune_history(self, keep: int) -> None: ...
@@ -138,6 +140,8 @@ class Store:
         self._rebuilding = False
         self.db = self._open(self.path)
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future | None] | None] = queue.SimpleQueue()
+        # jobs handed to the thread, and jobs it finished: each counter has one writer
+        self._queued = self._done = 0
         self._thread = threading.Thread(target=self._work, name="comfylb-store", daemon=True)
         self._thread.start()
 
@@ -155,13 +159,26 @@ class Store:
             else:
                 if done is not None:
                     done.set_result(result)
+            self._done += 1
         self.db.close()
 
-    def _later(self, fn: Callable[[], Any]) -> None:
+    def _idle(self) -> bool:
+        """Nothing is queued or running on the thread: a job may run here, in order."""
+        return self._queued == self._done
+
+    def _later(self, fn: Callable[[], Any], big: bool = False) -> None:
+        if not big and self._idle():
+            fn()
+            return
+        self._queued += 1
         self._jobs.put((fn, None))
 
-    def _future(self, fn: Callable[[], R]) -> "Future[R]":
+    def _future(self, fn: Callable[[], R], big: bool = False) -> "Future[R]":
         done: Future[R] = Future()
+        if not big and self._idle():
+            done.set_result(fn())
+            return done
+        self._queued += 1
         self._jobs.put((fn, done))
         return done
 
@@ -225,7 +242,7 @@ class Store:
         """Write the whole state into a new file in place of the old one (queued)."""
         rows = [_task_values(t, public=t.state in TERMINAL) for t in state.tasks]  # as they are now
         self._rebuilding = True
-        self._later(lambda: self._rebuild(state, rows))
+        self._later(lambda: self._rebuild(state, rows), big=True)
 
     def _rebuild(self, state: Snapshot, rows: list[tuple[str, Callable[[], tuple]]]) -> bool:
         try:
@@ -269,7 +286,8 @@ class Store:
     async def add_task(self, t: Task) -> None:
         """A new prompt, durably: StoreError if it is not on disk (the prompt is refused)."""
         statements = [_task_values(t), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))]
-        if not await asyncio.wrap_future(self._future(lambda: self._atomically(statements))):
+        done = self._future(lambda: self._atomically(statements), big=t.size > BIG_ROW)
+        if not (done.result() if done.done() else await asyncio.wrap_future(done)):
             raise StoreError(f"the coordinator cannot store the prompt ({self.problem})")
 
     def delete_task(self, prompt_id: str) -> None:
@@ -282,7 +300,8 @@ class Store:
                   json.dumps(t.attempt_log)))
         if t.secrets_dropped:
             t.secrets_dropped = False  # a finished task keeps no Comfy.org keys on disk: its body once more
-            self._transaction([_task_values(t, public=True), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))])
+            self._transaction([_task_values(t, public=True), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))],
+                              big=t.size > BIG_ROW)
             return
         self._write(*state)
 
@@ -303,8 +322,8 @@ class Store:
              " LIMIT ?))", (*TERMINAL, *TERMINAL, keep)),
             ("DELETE FROM task_state WHERE prompt_id NOT IN (SELECT prompt_id FROM tasks)", ())])
 
-    def _transaction(self, statements: list[tuple[str, Params]]) -> None:
-        self._later(lambda: self._atomically(statements))
+    def _transaction(self, statements: list[tuple[str, Params]], big: bool = False) -> None:
+        self._later(lambda: self._atomically(statements), big)
 
     def _atomically(self, statements: list[tuple[str, Params]]) -> bool:
         """Several writes, all or none (on the database's thread)."""
@@ -340,9 +359,10 @@ class Store:
         return t
 
     # -- history -----------------------------------------------------------------------
-    def add_history(self, prompt_id: str, position: int, entry: dict) -> None:
-        # encoded on the database's thread: an entry holds its prompt, which may be tens of MB
-        self._write("INSERT OR REPLACE INTO history VALUES (?,?,?)", lambda: (prompt_id, position, json.dumps(entry)))
+    def add_history(self, prompt_id: str, position: int, entry: dict, big: bool = False) -> None:
+        """`big`: its prompt is large (tens of MB, maybe): encoded on the database's thread."""
+        self._later(lambda: self._run("INSERT OR REPLACE INTO history VALUES (?,?,?)",
+                                      lambda: (prompt_id, position, json.dumps(entry))), big)
 
     def delete_history(self, prompt_ids: Iterable[str]) -> None:
         self._write("DELETE FROM history WHERE prompt_id=?", [(p,) for p in prompt_ids], many=True)

@@ -52,6 +52,7 @@ class Task:
     known_shape: Shape | None = field(default=None, repr=False)  # made at admission, off the event loop
     _item_json: str | None = field(default=None, repr=False)
     seq: int = 0
+    size: int = 0  # bytes of the request that brought it (0: not known, as for tasks saved before)
     state: State = QUEUED
     peer: str | None = None
     attempts: int = 0

@@ -82,8 +82,10 @@ async def test_a_large_prompt_is_checked_and_written_off_the_event_loop(monkeypa
         return check(*a, **kw)
 
     def encoding(value, *a, **kw):
-        if isinstance(value, dict) and "prompt" in value:  # a task's body
-            on_loop["encode"].append(threading.current_thread() is threading.main_thread())
+        if isinstance(value, dict) and "prompt" in value:  # a task's body, or a history entry
+            prompt = value["prompt"][2] if isinstance(value["prompt"], list) else value["prompt"]
+            if "note" in prompt["1"]["inputs"]:  # the large one's
+                on_loop["encode"].append(threading.current_thread() is threading.main_thread())
         return dumps(value, *a, **kw)
     monkeypatch.setattr(admission, "check", checking)
     monkeypatch.setattr(store.json, "dumps", encoding)
@@ -95,4 +97,5 @@ async def test_a_large_prompt_is_checked_and_written_off_the_event_loop(monkeypa
             run = await c.run(big)
             assert "execution_success" in small.types() and "execution_success" in run.types()
     assert on_loop["check"] == [True, False]  # a small prompt is checked at once; a large one in a thread
-    assert on_loop["encode"] and not any(on_loop["encode"])  # bodies encoded on the database's thread
+    # its body and history entry encoded on the database's thread (a small one's at once)
+    assert len(on_loop["encode"]) >= 2 and not any(on_loop["encode"]), on_loop["encode"]

@@ -155,3 +155,18 @@ async def test_runtime_peers_come_back_unless_the_config_says_otherwise(tmp_path
         assert set(cluster.peers) == {"sim0"}
     async with coordinator(tmp_path, sims[:1]) as (cluster, url):
         assert set(cluster.peers) == {"sim0"}  # forgotten for good
+
+
+def test_writes_keep_their_order_across_the_database_thread(tmp_path):
+    """Large writes go to the database's thread; a small one asked after them must not
+    overtake them by running at once."""
+    from comfylb_ext.store import Store
+
+    db = Store(tmp_path / "order.db")
+    for i in range(20):
+        db.add_history(f"big{i}", i, {"prompt": [i, f"big{i}", {"note": "x" * 200_000}]}, big=True)
+        db.delete_history([f"big{i}"])  # small: runs only after the large write before it
+    db.add_history("small", 99, {"prompt": [99, "small", {}]})
+    assert [pid for pid, _, _ in db.load_history()] == ["small"]
+    db.close()
+    assert [pid for pid, _, _ in Store(tmp_path / "order.db").load_history()] == ["small"]

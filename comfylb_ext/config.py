@@ -119,6 +119,9 @@ class StorageConfig:
     # SQLite file for the queue, tasks, history and runtime peers (relative to dir);
     # ":memory:" keeps nothing across restarts.
     database: str = "comfylb.db"
+    # postgresql://user:password@host:port/db keeps the state in PostgreSQL instead ("":
+    # the embedded SQLite above).  Uploads and output copies stay in dir.
+    url: str = ""
     # Outputs kept on the coordinator for /view (0 = keep none): copied from the peer when
     # first viewed, or when their prompt finishes (prefetch_outputs).
     view_cache_mb: int = 2048
@@ -301,6 +304,8 @@ def _parse(raw: Any, source: str | None) -> Config:
         raise ConfigError("scheduler.strategy",
                           f"unknown strategy {cfg.scheduler.strategy!r} (one of {', '.join(STRATEGIES)})")
     cfg.scheduler.order, cfg.scheduler.strategy = Order(cfg.scheduler.order), Strategy(cfg.scheduler.strategy)
+    if cfg.storage.url and not re.match(r"^postgres(ql)?://[^/\s]*/?\S*$", cfg.storage.url):
+        raise ConfigError("storage.url", "expected postgresql://user:password@host:port/database")
     hc = cfg.health_check
     for name in ("interval", "timeout"):
         if getattr(hc, name) <= 0:

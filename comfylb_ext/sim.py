@@ -224,7 +224,7 @@ class SimPeer:
                 self.state_changed.set()
                 self.state_changed = asyncio.Event()
 
-    def _order(self, prompt: dict, outputs: list[str]) -> list[str]:
+    def execution_order(self, prompt: dict, outputs: list[str]) -> list[str]:
         seen: list[str] = []
 
         def visit(nid: str) -> None:
@@ -417,7 +417,7 @@ class _Run:
     def __init__(self, sim: SimPeer, item: list) -> None:
         _, self.pid, self.prompt, extra, self.outputs = item
         self.sim, self.sid = sim, extra.get("client_id")
-        self.order = sim._order(self.prompt, self.outputs)
+        self.order = sim.execution_order(self.prompt, self.outputs)
         self.keys: dict[str, str] = {}
         for nid in self.order:  # upstream first, so a node's key covers everything it depends on
             inputs = {k: (self.keys[str(v[0])], v[1]) if isinstance(v, list) and len(v) == 2 and str(v[0]) in self.keys

@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (shape BLOB NOT NULL, features TEXT NOT NULL, seconds REAL NOT NULL);
 """
 
+_FINISHED = tuple(sorted(s.value for s in TERMINAL))
 _BODY = ("number", "seq", "prompt", "extra_data", "outputs", "client_id", "partial_targets", "messages", "size")
 
 
@@ -138,7 +139,7 @@ class Store:
         self.problem: str | None = None
         self._identity: tuple[int, int] | None = None
         self._rebuilding = False
-        self.db = self._open(self.path)
+        self.db: Any = self._open(self.path)
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future | None] | None] = queue.SimpleQueue()
         # jobs handed to the thread, and jobs it finished: each counter has one writer
         self._queued = self._done = 0
@@ -217,12 +218,24 @@ class Store:
     def _write(self, sql: str, params: Params = (), many: bool = False) -> None:
         self._later(lambda: self._run(sql, params, many))
 
+    # what a database's driver raises; the SQL as this database speaks it (pgstore.py)
+    ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _query(self, sql: str, params: Any = ()) -> Any:
+        return self.db.execute(self._sql(sql), params)
+
+    def _execute(self, sql: str, params: Any, many: bool) -> None:
+        (self.db.executemany if many else self.db.execute)(self._sql(sql), params)
+
     def _run(self, sql: str, params: Params = (), many: bool = False) -> bool:
         """One statement, on the database's thread."""
         try:
-            (self.db.executemany if many else self.db.execute)(sql, params() if callable(params) else params)
+            self._execute(sql, params() if callable(params) else params, many)
             return True
-        except sqlite3.Error as e:
+        except self.ERRORS as e:
             if self.problem is None:
                 log.error("state database %s: a write failed (%s); state is kept in memory and written "
                           "again as soon as the database takes it", self.path, e)
@@ -240,7 +253,7 @@ class Store:
 
     def rebuild(self, state: Snapshot) -> None:
         """Write the whole state into a new file in place of the old one (queued)."""
-        rows = [_task_values(t, public=t.state in TERMINAL) for t in state.tasks]  # as they are now
+        rows = [task_values(t, public=t.state in TERMINAL) for t in state.tasks]  # as they are now
         self._rebuilding = True
         self._later(lambda: self._rebuild(state, rows), big=True)
 
@@ -260,7 +273,8 @@ class Store:
             try:
                 db.executescript(SCHEMA)
                 db.execute("BEGIN")
-                _write_all(db, state, rows)
+                write_all(lambda sql, params, many=False: (db.executemany if many else db.execute)(sql, params),
+                           state, rows)
                 db.execute("COMMIT")
             finally:
                 db.close()
@@ -285,7 +299,7 @@ class Store:
     # -- tasks -------------------------------------------------------------------------
     async def add_task(self, t: Task) -> None:
         """A new prompt, durably: StoreError if it is not on disk (the prompt is refused)."""
-        statements = [_task_values(t), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))]
+        statements = [task_values(t), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))]
         done = self._future(lambda: self._atomically(statements), big=t.size > BIG_ROW)
         if not (done.result() if done.done() else await asyncio.wrap_future(done)):
             raise StoreError(f"the coordinator cannot store the prompt ({self.problem})")
@@ -296,11 +310,11 @@ class Store:
 
     def update_task(self, t: Task) -> None:
         state = ("INSERT OR REPLACE INTO task_state VALUES (?,?,?,?,?,?,?,?,?)",
-                 (t.prompt_id, t.state, t.peer, t.attempts, t.error, t.dispatched_at, t.started_at, t.finished_at,
+                 (t.prompt_id, t.state.value, t.peer, t.attempts, t.error, t.dispatched_at, t.started_at, t.finished_at,
                   json.dumps(t.attempt_log)))
         if t.secrets_dropped:
             t.secrets_dropped = False  # a finished task keeps no Comfy.org keys on disk: its body once more
-            self._transaction([_task_values(t, public=True), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))],
+            self._transaction([task_values(t, public=True), ("DELETE FROM task_state WHERE prompt_id=?", (t.prompt_id,))],
                               big=t.size > BIG_ROW)
             return
         self._write(*state)
@@ -310,16 +324,16 @@ class Store:
         return self._now(lambda: self._load_tasks(finished))
 
     def _load_tasks(self, finished: int) -> list[Task]:
-        live = self.db.execute("SELECT * FROM task_view WHERE state NOT IN (?,?,?) ORDER BY created", tuple(TERMINAL))
-        done = self.db.execute("SELECT * FROM (SELECT * FROM task_view WHERE state IN (?,?,?) ORDER BY created DESC"
-                               " LIMIT ?) ORDER BY created", (*TERMINAL, finished))
+        live = self._query("SELECT * FROM task_view WHERE state NOT IN (?,?,?) ORDER BY created", _FINISHED)
+        done = self._query("SELECT * FROM (SELECT * FROM task_view WHERE state IN (?,?,?) ORDER BY created DESC"
+                               " LIMIT ?) ORDER BY created", (*_FINISHED, finished))
         return _readable(self._task, list(done) + list(live), "task")
 
     def prune_tasks(self, keep: int) -> None:
         self._transaction([
             ("DELETE FROM tasks WHERE prompt_id IN (SELECT prompt_id FROM task_view WHERE state IN (?,?,?)"
              " AND prompt_id NOT IN (SELECT prompt_id FROM task_view WHERE state IN (?,?,?) ORDER BY created DESC"
-             " LIMIT ?))", (*TERMINAL, *TERMINAL, keep)),
+             " LIMIT ?))", (*_FINISHED, *_FINISHED, keep)),
             ("DELETE FROM task_state WHERE prompt_id NOT IN (SELECT prompt_id FROM tasks)", ())])
 
     def _transaction(self, statements: list[tuple[str, Params]], big: bool = False) -> None:
@@ -333,14 +347,14 @@ class Store:
             if not self._run(sql, params):
                 try:
                     self.db.execute("ROLLBACK")
-                except sqlite3.Error:
+                except self.ERRORS:
                     pass
                 return False
         if self._run("COMMIT"):
             return True
         try:
             self.db.execute("ROLLBACK")
-        except sqlite3.Error:
+        except self.ERRORS:
             pass
         return False
 
@@ -382,7 +396,7 @@ class Store:
                 raise ValueError("not a history entry")
             return pid, pos, value
         return self._now(lambda: _readable(
-            entry, self.db.execute("SELECT prompt_id, position, entry FROM history ORDER BY position"), "history entry"))
+            entry, self._query("SELECT prompt_id, position, entry FROM history ORDER BY position"), "history entry"))
 
     # -- peers added at runtime ----------------------------------------------------------
     def save_peer(self, b: BackendConfig) -> None:
@@ -393,7 +407,7 @@ class Store:
 
     def load_peers(self) -> list[BackendConfig]:
         return self._now(lambda: _readable(lambda row: BackendConfig(**json.loads(row[0])),
-                                           self.db.execute("SELECT config FROM peers ORDER BY rowid"), "peer"))
+                                           self._query("SELECT config FROM peers ORDER BY rowid"), "peer"))
 
     # -- files and counters ----------------------------------------------------------------
     def set_files(self, rows: list[tuple[str, str, str, str]]) -> None:
@@ -401,7 +415,7 @@ class Store:
 
     def load_files(self) -> dict[tuple[str, str, str], str]:
         return self._now(lambda: {(t, s, f): p for t, s, f, p in
-                                  self.db.execute("SELECT type, subfolder, filename, peer FROM files")})
+                                  self._query("SELECT type, subfolder, filename, peer FROM files")})
 
     # -- run times, for the cost model ----------------------------------------------------
     def add_run(self, shape: Shape, seconds: float) -> None:
@@ -418,11 +432,11 @@ class Store:
         def run(row: tuple) -> tuple[Shape, float]:
             key, f, seconds = row
             return Shape(key, tuple(float(x) for x in json.loads(f))), float(seconds)
-        return self._now(lambda: _readable(run, self.db.execute("SELECT shape, features, seconds FROM runs ORDER BY rowid"),
+        return self._now(lambda: _readable(run, self._query("SELECT shape, features, seconds FROM runs ORDER BY rowid"),
                                            "run"))
 
     def get(self, key: str, default: Any = None) -> Any:
-        row = self._now(lambda: self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone())
+        row = self._now(lambda: self._query("SELECT value FROM meta WHERE key=?", (key,)).fetchone())
         try:
             return json.loads(row[0]) if row else default
         except (ValueError, RecursionError, TypeError):
@@ -436,7 +450,7 @@ _TASK_INSERT = ("INSERT OR REPLACE INTO tasks (prompt_id, body, state, peer, att
                 " finished_at, attempt_log, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
 
 
-def _task_values(t: Task, public: bool = False) -> tuple[str, Callable[[], tuple]]:
+def task_values(t: Task, public: bool = False) -> tuple[str, Callable[[], tuple]]:
     """A task's row as it is now, encoded later (on the database's thread): its body holds
     the prompt, which may be tens of MB.  What changes afterwards is copied now."""
     body = {k: getattr(t, k) for k in _BODY}
@@ -470,15 +484,16 @@ def _identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _write_all(db: sqlite3.Connection, state: Snapshot, rows: list[tuple[str, Callable[[], tuple]]]) -> None:
-    db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in state.meta.items()])
-    db.executemany("INSERT INTO peers VALUES (?,?)", [(b.name, json.dumps(asdict(b))) for b in state.peers])
+def write_all(execute: Callable[..., Any], state: Snapshot, rows: list[tuple[str, Callable[[], tuple]]]) -> None:
+    """The whole state into empty tables, through `execute(sql, params, many=False)`."""
+    execute("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in state.meta.items()], True)
+    execute("INSERT INTO peers VALUES (?,?)", [(b.name, json.dumps(asdict(b))) for b in state.peers], True)
     for sql, values in rows:
-        db.execute(sql, values())
-    db.executemany("INSERT INTO history VALUES (?,?,?)", [(p, pos, json.dumps(e)) for p, pos, e in state.history])
-    db.executemany("INSERT INTO files VALUES (?,?,?,?)", [(*k, p) for k, p in state.files.items()])
-    db.executemany("INSERT INTO runs VALUES (?,?,?)",
-                   [(shape.key, json.dumps(shape.features), sec) for shape, sec in state.runs])
+        execute(sql, values())
+    execute("INSERT INTO history VALUES (?,?,?)", [(p, pos, json.dumps(e)) for p, pos, e in state.history], True)
+    execute("INSERT INTO files VALUES (?,?,?,?)", [(*k, p) for k, p in state.files.items()], True)
+    execute("INSERT INTO runs VALUES (?,?,?)", [(shape.key, json.dumps(shape.features), sec)
+                                                for shape, sec in state.runs], True)
 
 
 def database_path(cfg: Config) -> str | None:
@@ -486,8 +501,14 @@ def database_path(cfg: Config) -> str | None:
     return None if name == ":memory:" else str(Path(cfg.storage.dir) / name)
 
 
-def open_store(path: str | None) -> Store:
+def open_store(cfg: Config) -> StateStore:
+    """The state store the config names: PostgreSQL (storage.url) or the embedded SQLite."""
     started = time.perf_counter()
-    store = Store(path)
+    store: StateStore
+    if cfg.storage.url:
+        from .pgstore import PgStore  # only then is psycopg needed
+        store = PgStore(cfg.storage.url)
+    else:
+        store = Store(database_path(cfg))
     log.info("state in %s (%.0f ms to open)", store.path, (time.perf_counter() - started) * 1000)
     return store

@@ -115,3 +115,14 @@ def coordinator_current(comfy_env, workdir, peers):
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (tests/pg.py); each test takes a fresh
+    database on it with postgres.database(name)."""
+    from tests import pg
+
+    server = pg.start()
+    yield server
+    server.stop()

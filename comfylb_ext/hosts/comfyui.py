@@ -24,7 +24,7 @@ from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, load
 from ..dispatcher import Cluster
 from ..peer import INSTANCE_HEADER
-from ..store import StoreError, database_path, open_store
+from ..store import StoreError, open_store
 from ..uploads import InputStore, split_annotation
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def attach(server: Any, cfg: Config) -> Cluster:
     store = InputStore({"input": folder_paths.get_input_directory(),
                         "output": folder_paths.get_output_directory(),
                         "temp": folder_paths.get_temp_directory()})
-    cluster = Cluster(cfg, PromptServerHub(server), store, open_store(database_path(cfg)))
+    cluster = Cluster(cfg, PromptServerHub(server), store, open_store(cfg))
     cluster.outputs.own = LOCAL if cfg.local.enabled else None
     api = ComfyApi(cluster, store, own_files=True, on_prompt=server.trigger_on_prompt)
     # The jobs API is answered whether or not this ComfyUI has its own.

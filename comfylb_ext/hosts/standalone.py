@@ -17,7 +17,7 @@ from ..config import Config
 from ..dispatcher import Cluster
 from ..peer import INSTANCE_HEADER
 from .. import errors
-from ..store import database_path, open_store
+from ..store import open_store
 from ..uploads import InputStore
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def _guard(access: Access) -> Any:
 def build_app(cfg: Config) -> web.Application:
     hub = SocketHub()
     store = InputStore(Path(cfg.storage.dir) / "files")
-    cluster = Cluster(cfg, hub, store, open_store(database_path(cfg)))
+    cluster = Cluster(cfg, hub, store, open_store(cfg))
     api = ComfyApi(cluster, store, MAX_UPLOAD_SIZE)
     # the panel's session cookie also opens /ws, which its page uses for live state
     access = Access.of(cfg, cookie_paths=("/lb", "/ws"))

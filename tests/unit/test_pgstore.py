@@ -1,0 +1,148 @@
+"""The state in PostgreSQL (storage.url), against a real server: the same store contract as
+the embedded SQLite, a coordinator that keeps its queue and history across a restart, and
+one clear line for each way the database cannot be used."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+
+import pytest
+
+from comfylb_ext.config import BackendConfig
+from comfylb_ext.cost import Shape
+from comfylb_ext.pgstore import SCHEMA_VERSION, PgStore, redacted
+from comfylb_ext.store import Store, StoreError
+from comfylb_ext.tasks import DONE, RUNNING, Task
+from tests.client import Client, sleep_prompt
+from tests.simcluster import sim_backends, start_balancer, wait_for
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def url(postgres):
+    return postgres.database(f"t{next(_names)}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path):
+    """A function opening the same store again (a restart), for each kind of store."""
+    if request.param == "sqlite":
+        return lambda: Store(tmp_path / "state.db")
+    target = request.getfixturevalue("url")
+    return lambda: PgStore(target)
+
+
+def task(n: int, **kw) -> Task:
+    return Task(str(uuid.uuid4()), n, {"1": {"class_type": "X", "inputs": {"v": n}}}, {"k": "v"}, ["1"], **kw)
+
+
+async def test_the_store_contract_holds_for_both_kinds(open_store):
+    db = open_store()
+    a, b = task(1, client_id="c1"), task(2)
+    await db.add_task(a)
+    await db.add_task(b)
+    b.state, b.peer, b.attempts = RUNNING, "p0", 1
+    db.update_task(b)
+    a.state, a.finished_at = DONE, 1.5
+    db.update_task(a)
+    db.add_history(a.prompt_id, 0, {"prompt": [0, a.prompt_id, a.prompt, {}, ["1"]], "outputs": {}})
+    db.save_peer(BackendConfig(name="rt", port=9999))
+    db.save_peer(BackendConfig(name="rt", port=9998))  # replaced, not added
+    db.set_files([("output", "", "a.png", "p0"), ("output", "", "a.png", "p1")])
+    db.add_run(Shape(b"k" * 16, (1.0, 2.0)), 3.5)
+    db.put("number", 7)
+    db.close()
+
+    db = open_store()  # as after a restart
+    loaded = {t.prompt_id: t for t in db.load_tasks(finished=10)}
+    assert loaded[b.prompt_id].state == RUNNING and loaded[b.prompt_id].peer == "p0"
+    assert loaded[a.prompt_id].state == DONE and loaded[a.prompt_id].client_id == "c1"
+    assert [(p, pos) for p, pos, _ in db.load_history()] == [(a.prompt_id, 0)]
+    assert [(p.name, p.port) for p in db.load_peers()] == [("rt", 9998)]
+    assert db.load_files() == {("output", "", "a.png"): "p1"}
+    assert db.load_runs(keep=5) == [(Shape(b"k" * 16, (1.0, 2.0)), 3.5)]
+    assert db.get("number") == 7 and db.get("absent", "d") == "d"
+    db.delete_history([a.prompt_id])
+    db.delete_task(b.prompt_id)
+    assert db.load_history() == [] and [t.prompt_id for t in db.load_tasks(finished=10)] == [a.prompt_id]
+    db.close()
+
+
+async def test_a_coordinator_on_postgresql_keeps_its_queue_and_history_across_a_restart(url, tmp_path):
+    from comfylb_ext.sim import start_sim
+
+    sim = await start_sim(name="sim0")
+    try:
+        runner, cluster, lb = await start_balancer(sim_backends([sim]), str(tmp_path), storage={
+            "dir": str(tmp_path), "url": url})
+        await wait_for(lambda: all(p.available for p in cluster.peers.values()), cluster)
+        async with Client(lb) as c:
+            done = await c.run(sleep_prompt(0))
+            waiting = [(await c.queue(sleep_prompt(0.3)))[1]["prompt_id"] for _ in range(3)]
+        await runner.cleanup()
+
+        runner, cluster, lb = await start_balancer(sim_backends([sim]), str(tmp_path), storage={
+            "dir": str(tmp_path), "url": url})
+        assert isinstance(cluster.db, PgStore)
+        async with Client(lb) as c:
+            for pid in waiting:
+                c._track(pid)
+            await wait_for(lambda: not set(waiting) & set(cluster.tasks), cluster, timeout=30)
+            _, history = await c.get("/history")
+            assert {done.prompt_id, *waiting} <= set(history)
+            assert all(history[pid]["status"]["status_str"] == "success" for pid in waiting)
+        await runner.cleanup()
+    finally:
+        await sim.stop()
+
+
+def test_an_unreachable_database_is_one_clear_line(postgres):
+    with pytest.raises(StoreError) as e:
+        PgStore(f"postgresql://postgres:secret@127.0.0.1:{postgres.port + 1}/nowhere")
+    message = str(e.value)
+    assert "cannot be reached" in message and "storage.url" in message and "secret" not in message
+    assert "\n" not in message
+
+
+def test_a_schema_newer_than_the_code_is_refused(url):
+    db = PgStore(url)
+    db.put("schema_version", SCHEMA_VERSION + 1)  # as a later ComfyLB would leave it
+    db.close()
+    with pytest.raises(StoreError, match="newer than this ComfyLB"):
+        PgStore(url)
+
+
+def test_a_second_coordinator_on_the_same_database_is_refused(url):
+    first = PgStore(url)
+    try:
+        with pytest.raises(StoreError, match="in use by another coordinator"):
+            PgStore(url)
+    finally:
+        first.close()
+    PgStore(url).close()  # free again once the first has stopped
+
+
+def test_the_password_never_reaches_a_log_line():
+    assert redacted("postgresql://u:pw@h:5432/d") == "postgresql://u@h:5432/d"
+    assert redacted("postgresql://h/d") == "postgresql://h/d"
+
+
+async def test_state_written_while_the_database_was_away_is_written_again(url):
+    from comfylb_ext.store import Snapshot
+
+    db = PgStore(url)
+    t = task(1)
+    await db.add_task(t)
+    db.db.close()  # the connection is lost under us
+    t.state, t.peer = RUNNING, "p0"
+    db.update_task(t)
+    assert db.needs_rebuild() and db.problem
+    db.rebuild(Snapshot(meta={"number": 3}, peers=[], tasks=[t], history=[], files={}, runs=[]))
+    db.close()  # once every queued write, the rebuild included, has landed
+    assert db.problem is None
+    db = PgStore(url)
+    [back] = db.load_tasks(finished=10)
+    assert (back.prompt_id, back.state, back.peer) == (t.prompt_id, RUNNING, "p0") and db.get("number") == 3
+    db.close()

@@ -3,7 +3,6 @@ the embedded SQLite, a coordinator that keeps its queue and history across a res
 one clear line for each way the database cannot be used."""
 from __future__ import annotations
 
-import asyncio
 import itertools
 import uuid
 

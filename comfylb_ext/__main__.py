@@ -12,6 +12,7 @@ from aiohttp import web
 from . import __version__
 from .access import configured_tokens, exposure_problem, is_loopback_host
 from .config import Config, ConfigError, check_port, load
+from .leadership import Leadership
 from .store import StoreError
 
 log = logging.getLogger("comfylb_ext")
@@ -43,32 +44,54 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-async def _serve(cfg: Config, demo: bool) -> None:
-    from .hosts.standalone import build_app
+async def _demo_peers(cfg: Config) -> list:
+    from .config import BackendConfig
+    from .sim import start_sim
 
     sims = []
-    if demo:
-        from .config import BackendConfig
-        from .sim import start_sim
+    for i in (1, 2):
+        server = await start_sim(port=0, name=f"sim-{i}")
+        sims.append(server)
+        cfg.backends.append(BackendConfig(name=f"sim-{i}", host="127.0.0.1", port=server.port, max_queue=2))
+    log.info("demo: two SIMULATED ComfyUI peers (no real ComfyUI, no GPU): %s",
+             ", ".join(b.url for b in cfg.backends[-2:]))
+    return sims
 
-        for i in (1, 2):
-            server = await start_sim(port=0, name=f"sim-{i}")
-            sims.append(server)
-            cfg.backends.append(BackendConfig(name=f"sim-{i}", host="127.0.0.1", port=server.port, max_queue=2))
-        log.info("demo: two SIMULATED ComfyUI peers (no real ComfyUI, no GPU): %s",
-                 ", ".join(b.url for b in cfg.backends[-2:]))
-    runner = web.AppRunner(build_app(cfg), handle_signals=False, shutdown_timeout=SHUTDOWN_WITHIN,
+
+async def _listen(app: web.Application, cfg: Config) -> web.AppRunner:
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_WITHIN,
                            access_log=logging.getLogger("aiohttp.access") if cfg.server.debug else None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.server.host, cfg.server.port)
-    await site.start()
-    log.info("ComfyLB listening on http://%s:%d with %d peer(s)", cfg.server.host, cfg.server.port,
-             len(cfg.backends))
-    if not is_loopback_host(cfg.server.host) and not any(configured_tokens(cfg)):
-        log.warning("no token and listening on %s: OPEN to anyone who can reach it (auth.allow_open is true)",
-                    cfg.server.host)
-    stop = asyncio.Event()
+    # with storage.url the leader opens its port while the stand-by it was still listens
+    # there, so that clients never find it closed
+    await web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_port=bool(cfg.storage.url) or None).start()
+    return runner
+
+
+async def _stand_by(cfg: Config, lead: Leadership, stop: asyncio.Event) -> web.AppRunner | None:
+    """Pass clients on to the leader until this coordinator leads (its stand-by runner, to
+    close once the leader's is listening) or stops (None)."""
+    from .proxy import standby_app
+
+    runner = await _listen(standby_app(lead.leader), cfg)
+    log.info("ComfyLB standing by on http://%s:%d: another coordinator leads; clients are passed on to it",
+             cfg.server.host, cfg.server.port)
+    leading = asyncio.ensure_future(lead.wait_to_lead())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([leading, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if leading.done() and not leading.cancelled() and leading.exception() is None:
+        return runner
+    await runner.cleanup()
+    return None
+
+
+async def _serve(cfg: Config, demo: bool) -> int:
+    """Serves until SIGINT/SIGTERM (0), or until it stops leading the cluster (3)."""
+    from .hosts.standalone import build_app
+
     loop = asyncio.get_running_loop()
+    stop, lost = asyncio.Event(), asyncio.Event()
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -76,13 +99,37 @@ async def _serve(cfg: Config, demo: bool) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    sims = await _demo_peers(cfg) if demo else []
+    lead, standby = None, None
+    if cfg.storage.url:
+        from .pgstore import redacted
+
+        lead = Leadership(cfg.storage.url, redacted(cfg.storage.url), cfg.server.advertised())
+        if not lead.try_lead():
+            standby = await _stand_by(cfg, lead, stop)
+            if standby is None:
+                lead.close()
+                return 0
+        lead.watch(lambda: loop.call_soon_threadsafe(lost.set))
+    runner = await _listen(build_app(cfg), cfg)
+    if standby is not None:
+        await standby.cleanup()  # its sockets close: clients reconnect, to the leader this one now is
+    log.info("ComfyLB listening on http://%s:%d with %d peer(s)", cfg.server.host, cfg.server.port,
+             len(cfg.backends))
+    if not is_loopback_host(cfg.server.host) and not any(configured_tokens(cfg)):
+        log.warning("no token and listening on %s: OPEN to anyone who can reach it (auth.allow_open is true)",
+                    cfg.server.host)
     try:
-        await stop.wait()
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
         log.info("shutting down")
     finally:
         await runner.cleanup()
         for server in sims:
             await server.stop()
+        if lead is not None:
+            lead.close()
+    return 3 if lost.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.backends and not args.demo:
         log.warning("no backends configured: prompts will wait until a peer is added")
     try:
-        asyncio.run(_serve(cfg, args.demo))
+        return asyncio.run(_serve(cfg, args.demo)) or 0
     except OSError as e:
         print(f"comfylb: cannot listen on {cfg.server.host}:{cfg.server.port}: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,15 @@ class ServerConfig:
     # Origins ("https://ui.example.org") besides the balancer's own whose pages may change
     # state (POST, DELETE, /ws …); any other Origin gets 403.  Scripts send none and pass.
     allowed_origins: list = field(default_factory=list)
+    # With storage.url, how the other coordinators reach this one when it leads (they pass
+    # their clients on to it); "" = http://<host>:<port>, the machine's name for 0.0.0.0.
+    advertise_url: str = ""
+
+    def advertised(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
 
 @dataclass

@@ -6,8 +6,7 @@ thread of its own (psycopg 3 is used synchronously there, as sqlite3 is).  The s
 created and versioned by ComfyLB; a database whose schema is newer than this code, or one
 that cannot be reached, stops the coordinator with one line, as a config error does.
 
-One coordinator per database for now: it holds an advisory lock for as long as it runs,
-and a second one is refused with a clear line rather than dispatching the same prompts.
+Which of several coordinators on one database writes here is leadership.py's business.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ from .store import Snapshot, Store, StoreError, write_all
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-LOCK_KEY = 0x436F6D66794C42  # "ComfyLB": the advisory lock of the coordinator using the database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -116,9 +114,6 @@ class PgStore(Store):
         return db
 
     def _prepare(self, db: Any, path: str) -> None:
-        if not db.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
-            raise StoreError(f"state database {path} is in use by another coordinator; one coordinator per "
-                             "database for now (stop the other, or give this one its own database)")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         version = int(row[0]) if row and str(row[0]).isdigit() else 0

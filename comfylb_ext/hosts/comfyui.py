@@ -24,6 +24,7 @@ from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, load
 from ..dispatcher import Cluster
 from ..peer import INSTANCE_HEADER
+from ..leadership import Leadership
 from ..store import StoreError, open_store
 from ..uploads import InputStore, split_annotation
 
@@ -123,10 +124,32 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
     if not os.path.isabs(cfg.storage.dir):
         cfg.storage.dir = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.storage.dir)
     try:
+        _lead(cfg)
         return attach(server, cfg)
     except StoreError as e:
         log.error("ComfyLB: state error: %s; ComfyUI runs as usual", e)
+        detached(server, f"state error: {e}", path)
         return None
+
+
+_LEADERSHIP: list[Leadership] = []  # held for as long as this ComfyUI runs: the lock lives in its session
+
+
+def _lead(cfg: Config) -> None:
+    """With storage.url, this coordinator must lead the cluster: standing by for another one
+    is the standalone balancer's (inside ComfyUI, the UI would keep sending to itself)."""
+    if not cfg.storage.url:
+        return
+    from ..pgstore import redacted
+
+    lead = Leadership(cfg.storage.url, redacted(cfg.storage.url), cfg.server.advertised())
+    if not lead.try_lead():
+        lead.close()
+        raise StoreError(f"another coordinator leads the cluster in {redacted(cfg.storage.url)}; inside ComfyUI "
+                         "this one cannot stand by: run it as the standalone balancer, or stop the other")
+    lead.watch(lambda: log.error("ComfyLB: lost the database connection that makes this coordinator the leader; "
+                                 "restart ComfyUI once the database is back"))
+    _LEADERSHIP.append(lead)
 
 
 def detached(server: Any, reason: str, path: str) -> None:

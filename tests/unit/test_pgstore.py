@@ -3,6 +3,7 @@ the embedded SQLite, a coordinator that keeps its queue and history across a res
 one clear line for each way the database cannot be used."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 
@@ -113,14 +114,26 @@ def test_a_schema_newer_than_the_code_is_refused(url):
         PgStore(url)
 
 
-def test_a_second_coordinator_on_the_same_database_is_refused(url):
-    first = PgStore(url)
+async def test_one_coordinator_leads_and_the_next_takes_over_when_it_goes(url):
+    from comfylb_ext.leadership import Leadership
+
+    first = Leadership(url, url, "http://a:1")
+    second = Leadership(url, url, "http://b:2")
     try:
-        with pytest.raises(StoreError, match="in use by another coordinator"):
-            PgStore(url)
+        assert first.try_lead() and not second.try_lead()
+        assert second.leader() == "http://a:1" and first.leader() is None  # a leader passes no one on
+        waiting = asyncio.ensure_future(second.wait_to_lead())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        first.close()  # its session ends: the lock is free at once
+        await asyncio.wait_for(waiting, 10)
+        assert second.leading
+        third = Leadership(url, url, "http://c:3")
+        assert third.leader() == "http://b:2"
+        third.close()
     finally:
         first.close()
-    PgStore(url).close()  # free again once the first has stopped
+        second.close()
 
 
 def test_the_password_never_reaches_a_log_line():

@@ -1,0 +1,116 @@
+"""Which coordinator dispatches, when several share one PostgreSQL database.
+
+One of them leads: it holds a session-level advisory lock on a connection of its own and
+runs the cluster (peers, queue, dispatch), linked to every peer under the cluster's one
+client id.  The others stand by: they serve clients by passing every request to the
+leader (proxy.py) and wait for the lock — PostgreSQL hands it over the moment the
+leader's session ends.  A leader killed outright loses its session at once; one whose
+machine vanishes loses it through TCP keepalives, within LEASE seconds.  The new leader
+restores the state from the database, links to the peers under the same client id (so
+the prompts its predecessor sent keep reporting to it) and reconciles them.
+
+A leader that loses its own connection to the database stops at once: another has taken
+over, or will, and two leaders must never dispatch.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from .store import StoreError
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = 0x436F6D66794C42  # "ComfyLB"
+LEASE = 10                   # seconds after which a vanished leader's session is dropped
+CHECK_EVERY = 2.0            # seconds between a leader's checks that it still holds its session
+
+
+class Leadership:
+    def __init__(self, url: str, shown: str, me: str) -> None:
+        self.url = url
+        self.shown = shown  # the URL without its password
+        self.me = me        # how clients reach this coordinator (server.advertise_url)
+        self.leading = False
+        self._holder = self._connect()  # holds the lock while leading; waits for it while not
+        self._db = self._connect()      # everything else (the leader's address)
+        self._seen: tuple[float, str | None] = (0.0, None)
+
+    def _connect(self) -> Any:
+        import psycopg  # storage.url is set: open_store has checked it is installed
+
+        try:
+            db = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as e:
+            raise StoreError(f"state database {self.shown} cannot be reached ({str(e).strip().splitlines()[0]}); "
+                             "check storage.url and that PostgreSQL is running") from None
+        # a leader whose machine vanishes must lose the lock within LEASE seconds
+        third = max(1, LEASE // 4)
+        db.execute(f"SET tcp_keepalives_idle = {third}; SET tcp_keepalives_interval = {third}; "
+                   "SET tcp_keepalives_count = 2")
+        return db
+
+    def try_lead(self) -> bool:
+        self.leading = bool(self._holder.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0])
+        if self.leading:
+            self._announce()
+        return self.leading
+
+    async def wait_to_lead(self) -> None:
+        """Returns once this coordinator leads (blocks a thread, not the event loop)."""
+        await asyncio.to_thread(self._holder.execute, "SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        self.leading = True
+        self._announce()
+
+    def _announce(self) -> None:
+        self._seen = (0.0, None)
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._db.execute("INSERT INTO meta VALUES ('leader', %s) ON CONFLICT (key) DO UPDATE SET value = "
+                         "EXCLUDED.value", (json.dumps({"url": self.me, "since": time.time()}),))
+        log.info("this coordinator leads the cluster (state in %s)", self.shown)
+
+    def leader(self) -> str | None:
+        """The leading coordinator's URL, as it announced it (looked up at most once a second)."""
+        at, url = self._seen
+        if time.monotonic() - at < 1.0:
+            return url
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'leader'").fetchone()
+            found = json.loads(row[0]).get("url") if row else None
+        except Exception:  # noqa: BLE001 - no table yet, a row someone broke, the server away: no leader
+            found = None
+        url = found if isinstance(found, str) and found != self.me else None
+        self._seen = (time.monotonic(), url)
+        return url
+
+    def watch(self, lost: Callable[[], object]) -> threading.Thread:
+        """While leading: `lost()` (once) if the session holding the lock is gone."""
+        def run() -> None:
+            while self.leading:
+                time.sleep(CHECK_EVERY)
+                try:
+                    self._holder.execute("SELECT 1")
+                except Exception as e:  # noqa: BLE001 - any failure means the lock may be gone
+                    log.error("lost the connection that makes this coordinator the leader (%s); stopping so that "
+                              "no two coordinators dispatch", e)
+                    self.leading = False
+                    lost()
+        t = threading.Thread(target=run, name="comfylb-leadership", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        self.leading = False
+        try:
+            self._holder.cancel()  # a wait for the lock, in its thread, ends now
+        except Exception:  # noqa: BLE001 - nothing was running
+            pass
+        for db in (self._holder, self._db):
+            try:
+                db.close()  # the lock goes with the session
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass

@@ -1,0 +1,109 @@
+"""A standing-by coordinator: every request and websocket passed to the leader, so a
+client reaches the cluster through any coordinator and sees the same answers.
+
+Requests keep their Host header (the leader checks Origin against it, as it would for the
+client itself); hop-by-hop headers stay behind.  When the leader goes away its sockets
+close here too; clients reconnect, and find this coordinator leading or passing them on to
+the one that does.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from .api.comfy import MAX_UPLOAD_SIZE
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+                        "transfer-encoding", "upgrade", "content-length"})
+WS_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                        "sec-websocket-protocol"})
+NO_LEADER = ("No coordinator leads the cluster right now; one takes over within seconds. "
+             "Try again shortly.")
+
+
+def _headers(request: web.Request) -> dict[str, str]:
+    return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | WS_HEADERS}
+
+
+def standby_app(leader: Callable[[], str | None]) -> web.Application:
+    """`leader()`: the leading coordinator's URL, or None while there is none."""
+    app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
+    sockets: set[web.WebSocketResponse] = set()
+    session: dict[str, aiohttp.ClientSession] = {}
+
+    async def start(app: web.Application) -> None:
+        session["s"] = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+
+    async def stop(app: web.Application) -> None:
+        for ws in list(sockets):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"coordinator stopping")
+        await session["s"].close()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        target = await asyncio.to_thread(leader)
+        if target is None:
+            return web.json_response({"error": NO_LEADER}, status=503, headers={"Retry-After": "2"})
+        url = target.rstrip("/") + request.rel_url.path_qs
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await _bridge(request, session["s"], url, sockets)
+        try:
+            async with session["s"].request(request.method, url, headers=_headers(request),
+                                            data=request.content if request.body_exists else None,
+                                            allow_redirects=False) as upstream:
+                resp = web.StreamResponse(status=upstream.status)
+                for k, v in upstream.headers.items():  # Set-Cookie may come more than once
+                    if k.lower() not in HOP_BY_HOP:
+                        resp.headers.add(k, v)
+                await resp.prepare(request)
+                async for chunk in upstream.content.iter_chunked(1 << 16):
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+        except aiohttp.ClientError as e:
+            log.warning("the leader at %s did not answer: %s", target, e)
+            return web.json_response({"error": NO_LEADER}, status=503, headers={"Retry-After": "2"})
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+async def _bridge(request: web.Request, session: aiohttp.ClientSession, url: str,
+                  sockets: set[web.WebSocketResponse]) -> web.StreamResponse:
+    """A client's websocket, joined to one on the leader until either closes."""
+    try:
+        upstream = await session.ws_connect(url.replace("http", "ws", 1), headers=_headers(request),
+                                            max_msg_size=0, heartbeat=30.0)
+    except aiohttp.ClientError as e:
+        log.warning("no websocket to the leader: %s", e)
+        return web.json_response({"error": NO_LEADER}, status=503, headers={"Retry-After": "2"})
+    client = web.WebSocketResponse(max_msg_size=MAX_UPLOAD_SIZE, heartbeat=30.0)
+    await client.prepare(request)
+    sockets.add(client)
+
+    async def pump(src: Any, dst: Any) -> None:  # either side: a server's or a client's websocket
+        async for msg in src:
+            if msg.type == WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+        await dst.close()
+
+    try:
+        legs = [asyncio.ensure_future(pump(client, upstream)), asyncio.ensure_future(pump(upstream, client))]
+        await asyncio.wait(legs, return_when=asyncio.FIRST_COMPLETED)
+        for leg in legs:
+            leg.cancel()
+        await asyncio.gather(*legs, return_exceptions=True)
+    finally:
+        sockets.discard(client)
+        await upstream.close()
+        await client.close()
+    return client

@@ -1,0 +1,167 @@
+"""Two standalone coordinators, one cluster: real ComfyUI peers, a real PostgreSQL, clients
+on both.  One leads (dispatches); the other passes its clients on to it and takes over
+when it dies."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.request
+from collections import Counter
+
+import aiohttp
+import pytest
+
+from tests import procs
+from tests.client import Client, sleep_prompt
+from tests.conftest import peer_backend
+
+pytestmark = pytest.mark.real
+
+TERMINAL = ("execution_success", "execution_error", "execution_interrupted")
+FAST = {"health_check": {"interval": 1.0, "timeout": 1.0, "unhealthy_threshold": 2, "healthy_threshold": 1},
+        "queue": {"retry_interval": 1.0, "max_retries": 3, "max_size": 1000}}
+
+
+def _get(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)
+
+
+@pytest.fixture
+def pair(peers, workdir, postgres, request):
+    """Coordinators a (leading) and b (standing by) on one database, over the real peers."""
+    url = postgres.database(f"pair_{request.node.name[:20].lower()}")
+    backends = [peer_backend(p, max_queue=1) for p in peers]
+    names = {p.name for p in peers}
+    made = []
+
+    def start(name: str) -> procs.Proc:
+        proc = procs.start_balancer(workdir, f"{request.node.name[:20]}-{name}", backends,
+                                    storage={"dir": str(workdir / f"{request.node.name[:20]}-{name}-data"),
+                                             "url": url}, **FAST)
+        made.append(proc)
+        return proc
+
+    a = start("a")
+    a.wait_ready("/system_stats", 60)
+    procs.wait_backends(a, names)
+    b = start("b")
+    procs.wait_backends(b, names)  # answered by a, through b
+    try:
+        yield a, b, start
+    finally:
+        for proc in made:
+            proc.stop()
+
+
+class Sampler:
+    """What each peer holds (running + pending in its own queue), read every 50 ms."""
+
+    def __init__(self, peers) -> None:
+        self.peers = peers
+        self.most: Counter[str] = Counter()
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            for p in self.peers:
+                try:
+                    q = await asyncio.to_thread(_get, p.url + "/queue")
+                except OSError:
+                    continue
+                held = len(q["queue_running"]) + len(q["queue_pending"])
+                self.most[p.name] = max(self.most[p.name], held)
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> Counter[str]:
+        self.task.cancel()
+        return self.most
+
+
+def ran_on(peers, ids: list[str]) -> Counter[str]:
+    """How many peers' own histories hold each prompt: 1 means it ran exactly once."""
+    seen: Counter[str] = Counter()
+    for p in peers:
+        history = _get(p.url + "/history?max_items=1000")
+        seen.update(pid for pid in ids if pid in history)
+    return seen
+
+
+async def reconnect(url: str, client_id: str) -> Client:
+    """As a client does when its socket drops: again, until the cluster answers (it has no
+    leader for the moments a takeover lasts)."""
+    for _ in range(120):
+        c = Client(url, client_id=client_id)
+        try:
+            return await c.__aenter__()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            await c.session.close()
+            await asyncio.sleep(0.5)  # a reconnect backoff, as the web UI's
+    raise AssertionError(f"{url} never answered again")
+
+
+def terminals(*clients: Client) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for c in clients:
+        for pid, run in c.runs.items():
+            out[pid] += sum(1 for t, _ in run.messages if t in TERMINAL)
+    return out
+
+
+async def test_clients_on_both_coordinators_each_prompt_once_each_client_its_own(pair, peers):
+    a, b, _ = pair
+    sampler = Sampler(peers)
+    async with Client(a.url) as ca, Client(b.url) as cb:
+        runs = {c: [(await c.queue(sleep_prompt(0.3, f"pair-{i}")))[2] for i in range(12)] for c in (ca, cb)}
+        await asyncio.wait_for(asyncio.gather(*(r.done.wait() for rs in runs.values() for r in rs)), 240)
+        for c, rs in runs.items():
+            mine = {r.prompt_id for r in rs}
+            assert all("execution_success" in r.types() for r in rs)
+            assert set(c.runs) == mine and not set(c._early) - mine  # no other client's messages
+        assert set(terminals(ca, cb).values()) == {1}
+        ids = [r.prompt_id for rs in runs.values() for r in rs]
+        assert set(ran_on(peers, ids).values()) == {1}  # each ran on one peer, once
+        (_, ha), (_, hb) = await ca.get("/history"), await cb.get("/history")
+        assert set(ids) <= set(ha) and ha == hb
+        (_, pa), (_, pb) = await ca.get("/lb/backends"), await cb.get("/lb/backends")
+        assert [p["name"] for p in pa["backends"]] == [p["name"] for p in pb["backends"]]
+    most = sampler.stop()
+    assert most and max(most.values()) <= 1, most  # max_queue 1 on every peer, whoever submitted
+
+
+async def test_the_leader_killed_mid_run_the_other_takes_over_and_it_rejoins(pair, peers):
+    a, b, start = pair
+    async with Client(a.url) as ca, Client(b.url) as cb:
+        ids = {c: [(await c.queue(sleep_prompt(1.0, "takeover")))[1]["prompt_id"] for _ in range(8)]
+               for c in (ca, cb)}
+        await ca.until(lambda: any("execution_start" in r.types() for r in ca.runs.values()), 60)
+        a.signal(signal.SIGKILL)
+        a.popen.wait(10)
+        # both clients lose their sockets (b's was passed on to a) and come back to b
+        before = terminals(ca, cb)
+        client_ids = {c: c.client_id for c in (ca, cb)}
+    again = {c: await reconnect(b.url, client_ids[c]) for c in (ca, cb)}
+    try:
+        for old, c in again.items():
+            for pid in ids[old]:
+                if before[pid] == 0:
+                    c._track(pid)
+        waiting = [r.done.wait() for c in again.values() for r in c.runs.values()]
+        await asyncio.wait_for(asyncio.gather(*waiting), 240)
+        after = terminals(*again.values())
+        every = [pid for group in ids.values() for pid in group]
+        assert sum(before[pid] == 0 for pid in every) >= 8  # killed mid-run: most had not finished
+        assert all(before[pid] + after[pid] == 1 for pid in every), (before, after)
+        assert set(ran_on(peers, every).values()) == {1}
+        # the killed one comes back standing by, and answers as the leader does
+        back = start("a2")
+        procs.wait_backends(back, {p.name for p in peers})
+        cb2 = again[cb]
+        _, hist_b = await cb2.get("/history")
+        async with Client(back.url) as cback:
+            _, hist_back = await cback.get("/history")
+        assert set(every) <= set(hist_b) and hist_back == hist_b
+    finally:
+        for c in again.values():
+            await c.__aexit__(None, None, None)

@@ -41,8 +41,10 @@ class Leadership:
         self._seen: tuple[float, str | None] = (0.0, None)
 
     def _connect(self) -> Any:
-        import psycopg  # storage.url is set: open_store has checked it is installed
-
+        try:
+            import psycopg
+        except ImportError:
+            raise StoreError("storage.url needs the psycopg package: pip install 'psycopg[binary]'") from None
         try:
             db = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         except psycopg.Error as e:

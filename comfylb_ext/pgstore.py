@@ -1,5 +1,6 @@
 """The state in PostgreSQL (`storage: {url: postgresql://…}`): the same StateStore as the
-embedded SQLite, on a server that outlives any one coordinator.
+embedded SQLite, on a server that outlives any one coordinator; and `open_store`, which
+of the two the config names.
 
 It runs the SQLite store's statements, spoken as PostgreSQL speaks them, on the same
 thread of its own (psycopg 3 is used synchronously there, as sqlite3 is).  The schema is
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from .store import Snapshot, Store, StoreError, write_all
+from .config import Config
+from .store import Snapshot, StateStore, Store, StoreError, write_all
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +161,17 @@ class PgStore(Store):
                     "nothing acknowledged was lost", self.path, len(state.tasks), len(state.history))
         self.problem = None
         return True
+
+
+def open_store(cfg: Config) -> StateStore:
+    """The state store the config names: PostgreSQL (storage.url) or the embedded SQLite
+    (storage.database under storage.dir; ":memory:" keeps nothing)."""
+    started = time.perf_counter()
+    store: StateStore
+    if cfg.storage.url:
+        store = PgStore(cfg.storage.url)
+    else:
+        name = cfg.storage.database
+        store = Store(None if name == ":memory:" else Path(cfg.storage.dir) / name)
+    log.info("state in %s (%.0f ms to open)", store.path, (time.perf_counter() - started) * 1000)
+    return store

@@ -20,13 +20,12 @@ import os
 import queue
 import sqlite3
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, TypeVar
 
-from .config import BackendConfig, Config
+from .config import BackendConfig
 from .cost import Shape
 from .tasks import SENSITIVE_KEYS, TERMINAL, State, Task
 
@@ -494,21 +493,3 @@ def write_all(execute: Callable[..., Any], state: Snapshot, rows: list[tuple[str
     execute("INSERT INTO files VALUES (?,?,?,?)", [(*k, p) for k, p in state.files.items()], True)
     execute("INSERT INTO runs VALUES (?,?,?)", [(shape.key, json.dumps(shape.features), sec)
                                                 for shape, sec in state.runs], True)
-
-
-def database_path(cfg: Config) -> str | None:
-    name = cfg.storage.database
-    return None if name == ":memory:" else str(Path(cfg.storage.dir) / name)
-
-
-def open_store(cfg: Config) -> StateStore:
-    """The state store the config names: PostgreSQL (storage.url) or the embedded SQLite."""
-    started = time.perf_counter()
-    store: StateStore
-    if cfg.storage.url:
-        from .pgstore import PgStore  # only then is psycopg needed
-        store = PgStore(cfg.storage.url)
-    else:
-        store = Store(database_path(cfg))
-    log.info("state in %s (%.0f ms to open)", store.path, (time.perf_counter() - started) * 1000)
-    return store

@@ -25,7 +25,8 @@ from ..config import BackendConfig, Config, ConfigError, load
 from ..dispatcher import Cluster
 from ..peer import INSTANCE_HEADER
 from ..leadership import Leadership
-from ..store import StoreError, open_store
+from ..pgstore import open_store
+from ..store import StoreError
 from ..uploads import InputStore, split_annotation
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from ..config import Config
 from ..dispatcher import Cluster
 from ..peer import INSTANCE_HEADER
 from .. import errors
-from ..store import open_store
+from ..pgstore import open_store
 from ..uploads import InputStore
 
 log = logging.getLogger(__name__)

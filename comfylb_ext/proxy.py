@@ -69,8 +69,15 @@ def standby_app(leader: Callable[[], str | None]) -> web.Application:
             log.warning("the leader at %s did not answer: %s", target, e)
             return web.json_response({"error": NO_LEADER}, status=503, headers={"Retry-After": "2"})
 
+    async def ready(request: web.Request) -> web.Response:
+        """Ready for an orchestrator once there is a leader to pass clients on to."""
+        target = await asyncio.to_thread(leader)
+        return web.json_response({"ready": target is not None, "role": "standby", "leader": target},
+                                 status=200 if target else 503)
+
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
+    app.router.add_get("/lb/ready", ready)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
 

@@ -181,7 +181,12 @@ def build_app(cfg: Config) -> web.Application:
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(web_root / "standalone.html", headers={"Cache-Control": "no-cache"})
 
+    async def ready(request: web.Request) -> web.Response:
+        """For an orchestrator's readiness probe (no token: it says nothing else)."""
+        return web.json_response({"ready": True, "role": "leader" if cfg.storage.url else "alone"})
+
     app.router.add_get("/", index)
+    app.router.add_get("/lb/ready", ready)
     app.router.add_static("/comfylb/js", web_root / "js")
     for method, path, handler in LbApi(cluster, access).routes():
         app.router.add_route(method, path, handler)

@@ -87,3 +87,12 @@ async def test_peers_say_whether_they_come_from_the_config_or_were_added_at_runt
             assert status == 201 and body["source"] == "runtime"
             _, listed = await c.get("/lb/backends")
             assert {b["name"]: b["source"] for b in listed["backends"]} == {"sim0": "config", "extra": "runtime"}
+
+
+async def test_readiness_is_answered_without_a_token_and_says_nothing_else():
+    async with lb_over_sims(1, auth={"token": "t0ken"}) as (url, sims, cluster):
+        async with Client(url) as c:
+            assert await c.get("/lb/ready", params={"x": "y" * 5000}) == (200, {"ready": True, "role": "alone"})
+            status, _ = await c.post("/lb/ready", {"ready": False})
+            assert 400 <= status < 500  # only GET reads it
+            assert (await c.get("/lb/status"))[0] == 401  # the rest of /lb/* still wants the token

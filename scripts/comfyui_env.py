@@ -106,10 +106,15 @@ def _venv(root: Path, tree: Path) -> Path:
     return py
 
 
+# What a user who keeps the state in PostgreSQL (storage.url) installs besides, as the README says.
+OPTIONAL = "psycopg[binary]>=3.2"
+
+
 def install_extension_requirements(python: Path) -> None:
-    """What ComfyUI-Manager does for ComfyLB: pip-install requirements.txt line by line."""
+    """What ComfyUI-Manager does for ComfyLB: pip-install requirements.txt line by line
+    (and the optional PostgreSQL driver, which the tests of the extension on it need)."""
     reqs = Path(__file__).resolve().parent.parent / "requirements.txt"
-    for line in reqs.read_text().splitlines():
+    for line in [*reqs.read_text().splitlines(), OPTIONAL]:
         line = line.split("#")[0].strip()
         if line:
             _run([str(python), "-m", "pip", "install", "-q", line])
@@ -121,7 +126,7 @@ def ensure() -> dict:
     tree = _tree(root)
     python = _venv(root, tree)
     stamp = Path(python).parent.parent / ".comfylb-requirements"
-    wanted = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text()
+    wanted = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text() + OPTIONAL
     if not stamp.exists() or stamp.read_text() != wanted:
         install_extension_requirements(python)
         stamp.write_text(wanted)

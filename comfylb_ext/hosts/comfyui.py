@@ -7,6 +7,7 @@ PromptServer's own sockets.  Nothing here runs unless ComfyUI is the host.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import mimetypes
@@ -125,8 +126,11 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
     if not os.path.isabs(cfg.storage.dir):
         cfg.storage.dir = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.storage.dir)
     try:
-        _lead(cfg)
-        return attach(server, cfg)
+        lead = _lead(cfg)
+        cluster = attach(server, cfg)
+        if lead is not None:
+            lead.watch(lambda: server.loop.call_soon_threadsafe(_stop_leading, cluster))
+        return cluster
     except StoreError as e:
         log.error("ComfyLB: state error: %s; ComfyUI runs as usual", e)
         detached(server, f"state error: {e}", path)
@@ -136,11 +140,18 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
 _LEADERSHIP: list[Leadership] = []  # held for as long as this ComfyUI runs: the lock lives in its session
 
 
-def _lead(cfg: Config) -> None:
+def _stop_leading(cluster: Cluster) -> None:
+    """No two leaders: this one stops dispatching (ComfyUI itself runs on)."""
+    log.error("ComfyLB: lost the database connection that makes this coordinator the leader; it stops "
+              "dispatching (restart ComfyUI once the database is back)")
+    asyncio.ensure_future(cluster.stop())
+
+
+def _lead(cfg: Config) -> Leadership | None:
     """With storage.url, this coordinator must lead the cluster: standing by for another one
     is the standalone balancer's (inside ComfyUI, the UI would keep sending to itself)."""
     if not cfg.storage.url:
-        return
+        return None
     from ..pgstore import redacted
 
     lead = Leadership(cfg.storage.url, redacted(cfg.storage.url), cfg.server.advertised())
@@ -148,9 +159,8 @@ def _lead(cfg: Config) -> None:
         lead.close()
         raise StoreError(f"another coordinator leads the cluster in {redacted(cfg.storage.url)}; inside ComfyUI "
                          "this one cannot stand by: run it as the standalone balancer, or stop the other")
-    lead.watch(lambda: log.error("ComfyLB: lost the database connection that makes this coordinator the leader; "
-                                 "restart ComfyUI once the database is back"))
     _LEADERSHIP.append(lead)
+    return lead
 
 
 def detached(server: Any, reason: str, path: str) -> None:

@@ -167,3 +167,29 @@ async def test_the_leader_killed_mid_run_the_other_takes_over_and_it_rejoins(pai
     finally:
         for c in again.values():
             await c.__aexit__(None, None, None)
+
+
+async def test_inside_comfyui_the_state_in_postgresql_and_a_second_one_says_why_it_waits(
+        comfy_env, workdir, peers, postgres):
+    """The extension on PostgreSQL runs prompts through its peers; a second ComfyUI with
+    ComfyLB on the same database does not attach (it cannot stand by inside ComfyUI) and its
+    sidebar says why."""
+    from tests.conftest import coordinator
+
+    url = postgres.database("inside")
+    config = {"health_check": {"interval": 1.0, "timeout": 2.0}, "backends": [peer_backend(peers[0], max_queue=1)]}
+    first = coordinator(comfy_env, workdir, "pg_first", {**config, "storage": {"dir": "pg_first-data", "url": url}})
+    second = coordinator(comfy_env, workdir, "pg_second", {**config, "storage": {"dir": "pg_second-data", "url": url}})
+    try:
+        await asyncio.gather(asyncio.to_thread(first.wait_ready, "/system_stats", 180),
+                             asyncio.to_thread(second.wait_ready, "/system_stats", 180))
+        procs.wait_backends(first, {peers[0].name})
+        async with Client(first.url) as c:
+            run = await c.run(sleep_prompt(0.1, "inside"))
+            assert "execution_success" in run.types()
+        assert run.prompt_id in ran_on(peers[:1], [run.prompt_id])
+        state = _get(second.url + "/lb/state")
+        assert state["attached"] is False and "another coordinator leads" in state["reason"]
+    finally:
+        first.stop()
+        second.stop()

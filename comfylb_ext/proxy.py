@@ -72,8 +72,8 @@ def standby_app(leader: Callable[[], str | None]) -> web.Application:
     async def ready(request: web.Request) -> web.Response:
         """Ready for an orchestrator once there is a leader to pass clients on to."""
         target = await asyncio.to_thread(leader)
-        return web.json_response({"ready": target is not None, "role": "standby", "leader": target},
-                                 status=200 if target else 503)
+        # no token needed, so nothing more: the leader's address stays inside
+        return web.json_response({"ready": target is not None, "role": "standby"}, status=200 if target else 503)
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)

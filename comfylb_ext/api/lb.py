@@ -1,12 +1,13 @@
 """The `/lb/*` management API: JSON in and out, 4xx errors that say what was wrong."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
 from ..access import Access, cross_site_refusal, matches, session_cookies, session_value
-from .. import jsonsafe
+from .. import inventory, jsonsafe
 from ..config import ConfigError, parse_backend
 from ..dispatcher import ITSELF, SCHEDULER_CHOICES, STATUS_EVENT, Cluster
 from ..peer import Peer
@@ -52,6 +53,8 @@ class LbApi:
             ("GET", "/lb/backends", self.backends),
             ("POST", "/lb/backends", self.add_backend),
             ("GET", "/lb/backends/{name}", self.backend),
+            ("GET", "/lb/backends/{name}/inventory", self.backend_inventory),
+            ("GET", "/lb/inventory", self.inventories),
             ("DELETE", "/lb/backends/{name}", self.remove_backend),
             ("POST", "/lb/backends/{name}/enable", self.enable),
             ("POST", "/lb/backends/{name}/disable", self.disable),
@@ -153,6 +156,26 @@ class LbApi:
     async def backend(self, request: web.Request) -> web.Response:
         peer = self._peer(request)
         return peer if isinstance(peer, web.Response) else web.json_response(peer.describe())
+
+    async def _inventory(self, peer: Peer) -> inventory.Inventory:
+        return inventory.inventory(peer.object_info, await self.cluster.catalog.model_listings(peer))
+
+    async def backend_inventory(self, request: web.Request) -> web.Response:
+        """A peer's model files per folder, node types and custom node packs."""
+        peer = self._peer(request)
+        if isinstance(peer, web.Response):
+            return peer
+        return web.json_response({"name": peer.name, **await self._inventory(peer)})
+
+    async def inventories(self, request: web.Request) -> web.Response:
+        """For each peer, what it lacks that another peer has; custom node packs it lacks
+        come with how to install them (ComfyUI-Manager: ComfyLB installs no code on peers)."""
+        peers = [p for p in self.cluster.peers.values() if not p.removed]
+        found = await asyncio.gather(*(self._inventory(p) for p in peers))
+        lacking = inventory.lacks({p.name: inv for p, inv in zip(peers, found)})
+        return web.json_response({"backends": {
+            name: {**entry, "packs_hint": inventory.packs_hint(name, entry["lacks"]["packs"])}
+            for name, entry in lacking.items()}})
 
     async def tasks(self, request: web.Request) -> web.Response:
         q = request.rel_url.query

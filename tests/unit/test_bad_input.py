@@ -130,7 +130,7 @@ def test_lb_routes(lb, name, state, limit, offset, strategy):
     check(requests.get(lb + "/lb/tasks", params={"state": state, "limit": limit, "offset": offset}, timeout=10))
     for method, path in (("GET", f"/lb/tasks/{q}"), ("DELETE", f"/lb/tasks/{q}"), ("GET", f"/lb/backends/{q}"),
                          ("DELETE", f"/lb/backends/{q}"), ("POST", f"/lb/backends/{q}/enable"),
-                         ("POST", f"/lb/backends/{q}/disable"),
+                         ("POST", f"/lb/backends/{q}/disable"), ("GET", f"/lb/backends/{q}/inventory"),
                          ("POST", f"/lb/scheduler/strategy/{requests.utils.quote(strategy, safe='')}"),
                          ("POST", f"/lb/scheduler/order/{requests.utils.quote(strategy, safe='')}")):
         if method == "DELETE" and path.startswith("/lb/backends/") and name in ("sim0", "sim1"):

@@ -52,11 +52,31 @@ const STYLES = `
 .comfylb .cl-error { color: var(--error-text, #e55); font-size: 11.5px; grid-column: 1 / -1; }
 .comfylb .cl-empty { color: var(--descrip-text, #999); font-style: italic; padding: 4px 0; }
 .comfylb .cl-banner { border: 1px solid var(--error-text, #e55); color: var(--error-text, #e55); border-radius: 6px; padding: 6px 8px; }
+.comfylb button.cl-badge { font-size: 11px; padding: 0 7px; margin-right: 5px; border-radius: 9px; border-color: #cb3; white-space: nowrap;
+  background: color-mix(in srgb, #cb3 22%, transparent); color: var(--fg-color, #ddd); }
+.comfylb .cl-missing { margin-top: 4px; padding: 2px 0 2px 8px; border-left: 2px solid #cb3; font-size: 11.5px; overflow-wrap: anywhere; }
+.comfylb .cl-missing b { font-weight: 600; }
 `;
 
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const gb = (bytes) => (bytes ? `${(bytes / 2 ** 30).toFixed(1)} GB` : "–");
 const secs = (s) => (s == null ? "–" : s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(0)} s`);
+const SHOWN = 12;  // names per list in a peer's "missing" list; the rest are counted
+
+// What a peer lacks (an entry of GET /lb/inventory) as [label, names, how many in all] rows.
+function missingRows(inv) {
+  const rows = Object.entries(inv?.lacks?.models || {}).map(([folder, files]) => [folder, files, files.length]);
+  const listed = rows.reduce((n, r) => n + r[2], 0);
+  if (inv?.missing?.models > listed) rows.push(["more model files", [], inv.missing.models - listed]);
+  for (const [key, label] of [["nodes", "nodes"], ["packs", "custom node packs"]]) {
+    const names = inv?.lacks?.[key] || [];
+    if (names.length) rows.push([label, names, Math.max(names.length, inv.missing?.[key] || 0)]);
+  }
+  return rows;
+}
+const missingCount = (inv) => Object.values(inv?.missing || {}).reduce((n, v) => n + (Number(v) || 0), 0);
+const namesText = (names, total) => (!names.length ? `${total}`
+  : names.slice(0, SHOWN).join(", ") + (total > Math.min(names.length, SHOWN) ? ` … (${total} in all)` : ""));
 
 /**
  * host: {
@@ -81,6 +101,8 @@ export function createPanel(host) {
     session: undefined, // whether this browser holds a session cookie (HttpOnly: asked of /lb/state)
     declined: false,   // the user cancelled the token prompt or logged out: ask only on "Log in"
     subscribed: null,  // the clientId whose socket receives the pushes
+    inventory: null,   // GET /lb/inventory's backends: what each peer lacks
+    openMissing: new Set(),  // peers whose "missing" list is shown
   };
 
   async function errorOf(r) {
@@ -133,6 +155,7 @@ export function createPanel(host) {
       state.detached = null;
       if (state.session === undefined) state.session = Boolean((await lbState())?.session);
       subscribe();
+      watchPeers();
     } catch (e) {
       state.snapshot = e.status === 401 ? null : state.snapshot;
       if (e.status === 404) state.detached = await detachedReason();
@@ -172,8 +195,38 @@ export function createPanel(host) {
     if (state.declined) return;  // logged out: this socket stays subscribed until it reconnects
     state.snapshot = snapshot;
     state.error = null;
+    watchPeers();
     draw();
   });
+
+  // What each peer lacks is asked for (GET /lb/inventory), not pushed: again whenever a
+  // peer is added, removed, linked or changes state, and a few times more while a linked
+  // peer has not yet told what it has (its /object_info comes after its link).
+  let inventoryTimer = null;
+  let inventoryKey = null;
+  let inventoryTries = 0;
+  function watchPeers() {
+    const key = (state.snapshot?.backends || []).map((b) => `${b.name}:${b.linked}:${b.status}`).join("|");
+    if (key === inventoryKey) return;
+    inventoryKey = key;
+    inventoryTries = 0;
+    loadInventorySoon(state.inventory ? 1000 : 0);
+  }
+  function loadInventorySoon(delay) {
+    clearTimeout(inventoryTimer);
+    inventoryTimer = setTimeout(loadInventory, delay);
+  }
+  async function loadInventory() {
+    if (state.declined) return;
+    try {
+      state.inventory = (await call("GET", "/lb/inventory", undefined, false))?.backends || {};
+    } catch { return; }  // an older ComfyLB, or not allowed: no badges, nothing else changes
+    draw();
+    const linked = new Set((state.snapshot?.backends || []).filter((b) => b.linked).map((b) => b.name));
+    const untold = Object.entries(state.inventory).some(([name, e]) => linked.has(name) &&
+      (e.unknown || []).some((u) => u === "nodes" || u === "models"));
+    if (untold && inventoryTries++ < 5) loadInventorySoon(3000);
+  }
 
   async function act(key, fn, success) {
     if (state.pending.has(key)) return;
@@ -254,13 +307,33 @@ export function createPanel(host) {
           title="Remove this peer" aria-label="Remove ${esc(b.name)}"><i class="pi pi-trash"></i></button>
       </div>
       <div class="cl-dim cl-mono cl-url" title="${esc(b.url)}">${esc(b.url)}</div>
-      <div class="cl-dim"><span class="cl-status">${esc(b.status)}</span> · ${b.in_flight}/${b.max_queue} in flight ·
+      <div class="cl-dim">${missingBadge(b.name)}<span class="cl-status">${esc(b.status)}</span> · ${b.in_flight}/${b.max_queue} in flight ·
         ${b.jobs_done} done · mean ${secs(b.mean_job_time)} · weight ${esc(b.weight)}${b.tags?.length ? " · " + b.tags.map(esc).join(", ") : ""}</div>
       ${reason ? `<div class="cl-reason">${esc(reason)}</div>` : ""}
       ${b.running ? `<div class="cl-dim cl-mono" title="running prompt">▶ ${esc(b.running.slice(0, 8))}${prog != null ? ` · ${prog}%` : ""}</div>
         <div class="cl-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${prog ?? 0}"><div style="width:${prog ?? 0}%"></div></div>` : ""}
       ${devices ? `<div class="cl-dim">${devices}</div>` : ""}
+      ${state.openMissing.has(b.name) ? missingHtml(b.name) : ""}
     </div>`;
+  }
+
+  // A badge when the peer lacks what another peer has; its list on hover (title) and on click.
+  function missingBadge(name) {
+    const inv = state.inventory?.[name];
+    const count = missingCount(inv);
+    if (!count) return "";
+    const hover = missingRows(inv).map(([label, names, total]) => `${label}: ${namesText(names, total)}`)
+      .concat(inv.packs_hint ? [inv.packs_hint] : []).join("\n");
+    return `<button class="cl-badge" data-act="missing" data-name="${esc(name)}" aria-expanded="${state.openMissing.has(name)}"
+      title="${esc(`${name} lacks what another peer has:\n${hover}`)}" aria-label="${esc(name)} lacks ${count}: show the list">missing ${count}</button>`;
+  }
+
+  function missingHtml(name) {
+    const inv = state.inventory?.[name];
+    if (!missingCount(inv)) return "";
+    const rows = missingRows(inv).map(([label, names, total]) => `<div><b>${esc(label)}</b>: <span class="cl-mono">${esc(namesText(names, total))}</span></div>`);
+    const hint = inv.packs_hint ? `<div class="cl-dim cl-hint">${esc(inv.packs_hint.charAt(0).toUpperCase() + inv.packs_hint.slice(1))}. ComfyLB installs no code on peers.</div>` : "";
+    return `<div class="cl-missing" role="region" aria-label="What ${esc(name)} lacks">${rows.join("")}${hint}</div>`;
   }
 
   function bodyHtml() {
@@ -365,6 +438,10 @@ export function createPanel(host) {
       else if (act === "remove") actions.remove(name).catch(() => {});
       else if (act === "check") actions.check().catch(() => {});
       else if (act === "cancel") actions.cancel(id).catch(() => {});
+      else if (act === "missing") {
+        if (!state.openMissing.delete(name)) state.openMissing.add(name);
+        draw();
+      }
       else if (act === "login") login().then((ok) => ok && refresh());
       else if (act === "logout") logout();
     });

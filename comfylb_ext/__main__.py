@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 import tempfile
@@ -112,6 +113,11 @@ async def _serve(cfg: Config, demo: bool) -> int:
                 return 0
         lead.watch(lambda: loop.call_soon_threadsafe(lost.set))
     runner = await _listen(build_app(cfg), cfg)
+    # What start-up made lives as long as the process: the collector need not walk it again.
+    # Its full passes over it took 60-150 ms each at a few thousand relayed messages a
+    # second, and held up every message meanwhile (bench/relay.py).
+    gc.collect()
+    gc.freeze()
     if standby is not None:
         await standby.cleanup()  # its sockets close: clients reconnect, to the leader this one now is
     log.info("ComfyLB listening on http://%s:%d with %d peer(s)", cfg.server.host, cfg.server.port,

@@ -42,6 +42,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
         cfg.server.port = check_port("--port", args.port)
     if args.debug:
         cfg.server.debug = True
+    if cfg.workers.enabled:
+        from .workers import check_install
+
+        try:
+            check_install(cfg.workers.comfyui, cfg.workers.python)
+        except ConfigError as e:
+            raise ConfigError(e.field, e.message, cfg.source) from None
     return cfg
 
 

@@ -156,6 +156,30 @@ class AuthConfig:
 
 
 @dataclass
+class WorkersConfig:
+    # Local workers (workers.py): ComfyUI processes this ComfyLB starts, one GPU each, and
+    # adds as peers worker-0, worker-1, …  count: a number, or "auto" (see workers.py).
+    count: int | str = 0
+    base_port: int = 8190          # worker-i listens on 127.0.0.1:base_port+i
+    gpus: list = field(default_factory=list)  # CUDA device ids to spread them over ([] = detected)
+    args: list = field(default_factory=list)  # more ComfyUI flags, e.g. ["--cpu"]
+    comfyui: str = ""              # the ComfyUI folder (with main.py); extension: its own
+    python: str = ""               # the Python that runs it; extension: its own
+    max_queue: int = 1
+    weight: float = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.count != 0
+
+
+# Flags ComfyLB sets for each worker itself (a second value would silently win or clash).
+WORKER_OWN_FLAGS = ("--port", "--listen", "--input-directory", "--output-directory", "--temp-directory",
+                    "--user-directory", "--cuda-device")
+WORKER_NAME = re.compile(r"^worker-[0-9]+$")
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -164,6 +188,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     source: str | None = None
 
@@ -207,7 +232,6 @@ def _section(cls: Any, raw: Any, path: str, **extra: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(path, f"expected a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = {name: _TYPES[str(f.type)] for name, f in fields.items()}
     values = dict(extra)
     for key, value in raw.items():
         if key not in fields:
@@ -215,7 +239,7 @@ def _section(cls: Any, raw: Any, path: str, **extra: Any) -> Any:
         if value == "" and fields[key].default == "":
             values[key] = ""  # optional strings ("" = not set)
             continue
-        values[key] = _check_type(f"{path}.{key}", value, hints[key])
+        values[key] = _check_type(f"{path}.{key}", value, _TYPES[str(fields[key].type)])
     try:
         return cls(**values)
     except TypeError:
@@ -291,7 +315,7 @@ def _parse(raw: Any, source: str | None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", "expected a mapping of sections")
-    known = {"server", "scheduler", "health_check", "queue", "storage", "auth", "local", "backends"}
+    known = {"server", "scheduler", "health_check", "queue", "storage", "auth", "local", "workers", "backends"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown section (known: {', '.join(sorted(known))})")
@@ -303,6 +327,7 @@ def _parse(raw: Any, source: str | None) -> Config:
         storage=_section(StorageConfig, raw.get("storage"), "storage"),
         auth=_section(AuthConfig, raw.get("auth"), "auth"),
         local=_section(LocalConfig, raw.get("local"), "local"),
+        workers=parse_workers(raw.get("workers")),
         source=source,
     )
     check_port("server.port", cfg.server.port)
@@ -340,8 +365,34 @@ def _parse(raw: Any, source: str | None) -> Config:
         if b.name in seen:
             raise ConfigError(f"backends[{i}].name", f"duplicate backend name {b.name!r}")
         seen.add(b.name)
+        if cfg.workers.enabled and WORKER_NAME.match(b.name):
+            raise ConfigError(f"backends[{i}].name", f"{b.name!r} is the name of a local worker (workers:); rename it")
         cfg.backends.append(b)
     return cfg
+
+
+def parse_workers(raw: Any, path: str = "workers") -> WorkersConfig:
+    """The workers section; count and gpus take numbers or text, so they are read here."""
+    if not isinstance(raw, dict):
+        return _section(WorkersConfig, raw, path)  # None: no workers; anything else: its error
+    raw = dict(raw)
+    count, gpus = raw.pop("count", 0), raw.pop("gpus", [])
+    if count != "auto" and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise ConfigError(f"{path}.count", f"expected a number of workers (0 or more) or auto, got {count!r}")
+    if not isinstance(gpus, list) or not all(isinstance(g, (int, str)) and not isinstance(g, bool)
+                                             and str(g).strip() for g in gpus):
+        raise ConfigError(f"{path}.gpus", f"expected a list of CUDA device ids like [0, 1], got {gpus!r}")
+    w = _section(WorkersConfig, raw, path, count=count, gpus=[str(g).strip() for g in gpus])
+    check_port(f"{path}.base_port", w.base_port)
+    last = w.base_port + (w.count if isinstance(w.count, int) else max(len(w.gpus), 1)) - 1
+    if last > 65535:
+        raise ConfigError(f"{path}.base_port", f"{w.count} workers from port {w.base_port} go past 65535")
+    for flag in w.args:
+        if flag.split("=", 1)[0] in WORKER_OWN_FLAGS:
+            raise ConfigError(f"{path}.args", f"{flag.split('=', 1)[0]} is set by ComfyLB for each worker; leave it out")
+    if w.max_queue < 1 or w.weight <= 0:
+        raise ConfigError(path, "max_queue must be at least 1 and weight greater than 0")
+    return w
 
 
 def load(path: str | os.PathLike) -> Config:

@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 from urllib.parse import unquote
 
 import aiohttp
@@ -137,6 +137,8 @@ class Peer:
         self.replacements: dict[str, list[dict]] = {}  # its /node_replacements (today's ComfyUI)
         self.answered_by: str | None = None  # the ComfyLB instance behind its address, if any (INSTANCE_HEADER)
         self.source = "config"  # or "runtime": added by POST /lb/backends, kept in the state database
+        # or "worker": a local worker (workers.py), whose process state this tells
+        self.worker: Callable[[], dict] | None = None
         self.system_stats: dict | None = None
         self.delivered: dict[tuple[str, str, str], str] = {}
         # Prompts taken back from this peer while it was away; dropped from its queue when it returns.
@@ -398,6 +400,7 @@ class Peer:
             "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed, "mean_job_time": self.mean_job_time,
             "recent_job_time": self.job_time, "models": sorted(self.models),
             "devices": (self.system_stats or {}).get("devices", []),
+            "worker": self.worker() if self.worker is not None else None,
             "at": time.time(),
         })  # never NaN, whatever came in (the panel's JSON.parse refuses it)
 

@@ -12,6 +12,7 @@ from ..config import ConfigError, parse_backend
 from ..dispatcher import ITSELF, SCHEDULER_CHOICES, STATUS_EVENT, Cluster
 from ..peer import Peer
 from ..tasks import State
+from ..workers import LOG_LINES, MAX_LOG_LINES, Worker, Workers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 TASK_STATES = State.names()
@@ -35,9 +36,10 @@ async def read_object(request: web.Request, shape: str) -> dict | web.Response:
 
 
 class LbApi:
-    def __init__(self, cluster: Cluster, access: Access | None = None) -> None:
+    def __init__(self, cluster: Cluster, access: Access | None = None, workers: Workers | None = None) -> None:
         self.cluster = cluster
         self.access = access or Access()
+        self.workers = workers or Workers([])
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         checked = [  # anyone may ask these; the Origin and Content-Type rules still apply
@@ -58,6 +60,8 @@ class LbApi:
             ("DELETE", "/lb/backends/{name}", self.remove_backend),
             ("POST", "/lb/backends/{name}/enable", self.enable),
             ("POST", "/lb/backends/{name}/disable", self.disable),
+            ("GET", "/lb/backends/{name}/log", self.worker_log),
+            ("POST", "/lb/backends/{name}/restart", self.restart_worker),
             ("GET", "/lb/tasks", self.tasks),
             ("GET", "/lb/tasks/{task_id}", self.task),
             ("DELETE", "/lb/tasks/{task_id}", self.cancel_task),
@@ -232,6 +236,9 @@ class LbApi:
         peer = self._peer(request)
         if isinstance(peer, web.Response):
             return peer
+        if self.workers.get(peer.name) is not None:
+            return error(409, f"{peer.name!r} is a local worker: change workers.count in the config to have fewer "
+                              "(or disable it)")
         await self.cluster.remove_peer(peer.name)
         return web.json_response({"removed": peer.name, "finishing": len(peer.tasks)})
 
@@ -247,6 +254,38 @@ class LbApi:
             return peer
         self.cluster.set_enabled(peer.name, enabled)
         return web.json_response(peer.describe())
+
+    def _worker(self, request: web.Request) -> Worker | web.Response:
+        """The local worker named in the path, or the 4xx to answer."""
+        peer = self._peer(request)
+        if isinstance(peer, web.Response):
+            return peer
+        worker = self.workers.get(peer.name)
+        if worker is None:
+            return error(400, f"backend {peer.name!r} is not a local worker (workers: in the config): "
+                              "ComfyLB did not start it, so has no log of it and cannot restart it")
+        return worker
+
+    async def worker_log(self, request: web.Request) -> web.Response:
+        """GET /lb/backends/{name}/log?lines=N: the last lines of a local worker's output."""
+        worker = self._worker(request)
+        if isinstance(worker, web.Response):
+            return worker
+        raw = request.rel_url.query.get("lines", str(LOG_LINES))
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOG_LINES:
+            return error(400, f"lines must be a whole number from 1 to {MAX_LOG_LINES}, got {raw[:20]!r}")
+        lines = await asyncio.to_thread(worker.read_log, int(raw))
+        return web.json_response({"name": worker.name, **worker.describe(), "lines": lines})
+
+    async def restart_worker(self, request: web.Request) -> web.Response:
+        """POST /lb/backends/{name}/restart: the worker is stopped and started again at once."""
+        worker = self._worker(request)
+        if isinstance(worker, web.Response):
+            return worker
+        if worker.state == "stopped":
+            return error(409, f"{worker.name!r} is stopped: the coordinator is shutting down")
+        await worker.restart()
+        return web.json_response({"name": worker.name, **worker.describe()}, status=202)
 
     async def cancel_task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]

@@ -13,6 +13,7 @@ import logging
 import mimetypes
 import os
 import re
+import sys
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -29,6 +30,7 @@ from ..leadership import Leadership
 from ..pgstore import open_store
 from ..store import StoreError
 from ..uploads import InputStore, split_annotation
+from ..workers import WORKER_ENV, Install, Workers, detect_gpus, knows_flag, resolve
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,10 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
     """Read the config and attach, or leave ComfyUI exactly as it is and say why in one line
     (and to the panel, through GET /lb/state)."""
     _prefix_logs()
+    if os.environ.get(WORKER_ENV):
+        log.info("ComfyLB: this ComfyUI is %s, a local worker of a coordinator: not attaching",
+                 os.environ[WORKER_ENV])
+        return None
     path = find_config(here)
     if not os.path.exists(path):
         log.info("ComfyLB: no config at %s (set COMFYLB_CONFIG or copy config.example.yaml there); "
@@ -112,7 +118,7 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
         log.error("ComfyLB: config error: %s; ComfyUI runs as usual", e)
         detached(server, f"config error: {e}; fix it, then restart ComfyUI", path)
         return None
-    if not any(b.enabled for b in cfg.backends) and not cfg.local.enabled:
+    if not any(b.enabled for b in cfg.backends) and not cfg.local.enabled and not cfg.workers.enabled:
         log.info("ComfyLB: no enabled peer in %s; ComfyUI runs as usual", path)
         detached(server, f"no enabled peer in {path}: list your peers under backends, "
                                 "then restart ComfyUI", path)
@@ -369,6 +375,30 @@ def _middleware(table: list[tuple[str, re.Pattern, Intercept]], access: Access, 
     return comfylb_middleware
 
 
+def _workers(cfg: Config) -> Workers:
+    """Workers run this very ComfyUI (its folder, its Python, its models and custom nodes)
+    unless the config names another; `auto` leaves out the GPU the coordinator renders on."""
+    import folder_paths  # only inside ComfyUI: its module sits in ComfyUI's folder, beside main.py
+    from comfy.cli_args import args
+
+    w = cfg.workers
+    comfyui = w.comfyui or os.path.dirname(os.path.abspath(folder_paths.__file__))
+    inherited = ["--base-directory", args.base_directory] if getattr(args, "base_directory", None) else []
+    for paths in getattr(args, "extra_model_paths_config", None) or []:
+        for one in paths if isinstance(paths, list) else [paths]:
+            inherited += ["--extra-model-paths-config", os.path.abspath(one)]
+    environ = dict(os.environ)
+    cuda_device = getattr(args, "cuda_device", None)
+    if cuda_device is not None:
+        environ.pop("CUDA_VISIBLE_DEVICES", None)  # ComfyUI set it to its own device: every GPU counts
+    taken = None
+    if cfg.local.enabled and not w.gpus:
+        visible = detect_gpus(environ) if cuda_device is None else [str(cuda_device)]
+        taken = visible[0] if visible else None
+    install = Install(comfyui, w.python or sys.executable, inherited, knows_flag(comfyui, "--database-url"))
+    return resolve(w, install, cfg.storage.dir, taken, environ)
+
+
 def attach(server: Any, cfg: Config) -> Cluster:
     import folder_paths  # only inside ComfyUI
 
@@ -397,15 +427,18 @@ def attach(server: Any, cfg: Config) -> Cluster:
         if request.headers.get(BYPASS) != secret:  # the `local` peer is this ComfyUI on purpose
             response.headers[INSTANCE_HEADER] = cluster.instance_id  # a configured peer that is us is refused
     server.app.on_response_prepare.append(sign)
-    for method, path, handler in LbApi(cluster, access).routes():
+    workers = _workers(cfg)
+    for method, path, handler in LbApi(cluster, access, workers).routes():
         server.routes.route(method, path)(handler)  # ComfyUI adds the /api twin
     server.get_queue_info = lambda: {"exec_info": {"queue_remaining": cluster.ledger.remaining()}}
     _no_local_assets()
 
     async def start(app: web.Application) -> None:
         await cluster.start()
+        await workers.start(cluster, cfg.workers)
 
     async def stop(app: web.Application) -> None:
+        await workers.stop()
         await cluster.stop()
 
     server.app.on_startup.append(start)

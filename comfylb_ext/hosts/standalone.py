@@ -19,6 +19,7 @@ from ..peer import INSTANCE_HEADER
 from .. import errors
 from ..pgstore import open_store
 from ..uploads import InputStore
+from ..workers import Install, knows_flag, resolve
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,9 @@ def build_app(cfg: Config) -> web.Application:
     store = InputStore(Path(cfg.storage.dir) / "files")
     cluster = Cluster(cfg, hub, store, open_store(cfg))
     api = ComfyApi(cluster, store, MAX_UPLOAD_SIZE)
+    w = cfg.workers  # standalone: comfyui and python are checked at start (workers.check_install)
+    workers = resolve(w, Install(w.comfyui, w.python, database_url=knows_flag(w.comfyui, "--database-url")),
+                      cfg.storage.dir)
     # the panel's session cookie also opens /ws, which its page uses for live state
     access = Access.of(cfg, cookie_paths=("/lb", "/ws"))
     log.info("access: %s", access.describe())
@@ -188,7 +192,7 @@ def build_app(cfg: Config) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/lb/ready", ready)
     app.router.add_static("/comfylb/js", web_root / "js")
-    for method, path, handler in LbApi(cluster, access).routes():
+    for method, path, handler in LbApi(cluster, access, workers).routes():
         app.router.add_route(method, path, handler)
     for route in api.routes():
         if route.serves(STANDALONE):
@@ -198,11 +202,13 @@ def build_app(cfg: Config) -> web.Application:
 
     async def on_startup(app: web.Application) -> None:
         await cluster.start()
+        await workers.start(cluster, cfg.workers)
 
     async def on_shutdown(app: web.Application) -> None:
         await hub.close_all()
 
     async def on_cleanup(app: web.Application) -> None:
+        await workers.stop()  # before the cluster: their peers' links may drop quietly
         await cluster.stop()
 
     app.on_startup.append(on_startup)

@@ -56,12 +56,15 @@ const STYLES = `
   background: color-mix(in srgb, #cb3 22%, transparent); color: var(--fg-color, #ddd); }
 .comfylb .cl-missing { margin-top: 4px; padding: 2px 0 2px 8px; border-left: 2px solid #cb3; font-size: 11.5px; overflow-wrap: anywhere; }
 .comfylb .cl-missing b { font-weight: 600; }
+.comfylb .cl-log { margin: 4px 0 0; max-height: 220px; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere;
+  background: var(--comfy-input-bg, #222); border-radius: 6px; padding: 4px 6px; }
 `;
 
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const gb = (bytes) => (bytes ? `${(bytes / 2 ** 30).toFixed(1)} GB` : "–");
 const secs = (s) => (s == null ? "–" : s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(0)} s`);
 const SHOWN = 12;  // names per list in a peer's "missing" list; the rest are counted
+const LOG_LINES = 40;  // lines of a local worker's log the panel shows
 
 // What a peer lacks (an entry of GET /lb/inventory) as [label, names, how many in all] rows.
 function missingRows(inv) {
@@ -103,6 +106,7 @@ export function createPanel(host) {
     subscribed: null,  // the clientId whose socket receives the pushes
     inventory: null,   // GET /lb/inventory's backends: what each peer lacks
     openMissing: new Set(),  // peers whose "missing" list is shown
+    logs: new Map(),   // local worker name → the last lines of its log, while shown
   };
 
   async function errorOf(r) {
@@ -258,6 +262,18 @@ export function createPanel(host) {
     }),
     strategy: (name) => act("strategy", () => call("POST", `/lb/scheduler/strategy/${encodeURIComponent(name)}`), () => `Strategy: ${name}`),
     order: (name) => act("order", () => call("POST", `/lb/scheduler/order/${encodeURIComponent(name)}`), () => `Order: ${name.replace("_", " ")}`),
+    restart: (name) => act(`restart:${name}`, () => call("POST", `/lb/backends/${encodeURIComponent(name)}/restart`),
+      () => `${name} restarting`),
+    log: async (name) => {
+      if (state.logs.delete(name)) { draw(); return; }
+      try {
+        const r = await call("GET", `/lb/backends/${encodeURIComponent(name)}/log?lines=${LOG_LINES}`);
+        state.logs.set(name, r.lines);
+      } catch (e) {
+        host.toast({severity: "error", summary: "ComfyLB", detail: `${name} log: ${e.message}`, life: 6000});
+      }
+      draw();
+    },
     cancel: (id) => act(`cancel:${id}`, () => call("DELETE", `/lb/tasks/${encodeURIComponent(id)}`), () => `Cancelled ${id.slice(0, 8)}`),
     add: async () => {
       const f = state.form;
@@ -303,8 +319,8 @@ export function createPanel(host) {
         <button data-act="toggle" data-name="${esc(b.name)}" data-enabled="${b.enabled}" ${busy(`toggle:${b.name}`)}
           title="${b.enabled ? "Stop sending new work" : "Send work again"}" aria-label="${b.enabled ? "Disable" : "Enable"} ${esc(b.name)}">
           <i class="pi ${b.enabled ? "pi-pause" : "pi-play"}"></i>${b.enabled ? "Disable" : "Enable"}</button>
-        <button class="cl-danger" data-act="remove" data-name="${esc(b.name)}" ${busy(`remove:${b.name}`)}
-          title="Remove this peer" aria-label="Remove ${esc(b.name)}"><i class="pi pi-trash"></i></button>
+        ${b.worker ? "" : `<button class="cl-danger" data-act="remove" data-name="${esc(b.name)}" ${busy(`remove:${b.name}`)}
+          title="Remove this peer" aria-label="Remove ${esc(b.name)}"><i class="pi pi-trash"></i></button>`}
       </div>
       <div class="cl-dim cl-mono cl-url" title="${esc(b.url)}">${esc(b.url)}</div>
       <div class="cl-dim">${missingBadge(b.name)}<span class="cl-status">${esc(b.status)}</span> · ${b.in_flight}/${b.max_queue} in flight ·
@@ -313,8 +329,26 @@ export function createPanel(host) {
       ${b.running ? `<div class="cl-dim cl-mono" title="running prompt">▶ ${esc(b.running.slice(0, 8))}${prog != null ? ` · ${prog}%` : ""}</div>
         <div class="cl-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${prog ?? 0}"><div style="width:${prog ?? 0}%"></div></div>` : ""}
       ${devices ? `<div class="cl-dim">${devices}</div>` : ""}
+      ${b.worker ? workerHtml(b) : ""}
       ${state.openMissing.has(b.name) ? missingHtml(b.name) : ""}
     </div>`;
+  }
+
+  // A local worker (workers: in the config): its process, a restart button and its log.
+  function workerHtml(b) {
+    const w = b.worker;
+    const busy = state.pending.has(`restart:${b.name}`) ? "disabled" : "";
+    const when = w.state === "waiting" && w.retry_at ? ` · again in ${Math.max(0, Math.round(w.retry_at - Date.now() / 1000))} s` : "";
+    const lines = state.logs.get(b.name);
+    return `<div class="cl-dim cl-bar cl-worker">
+        <span class="cl-grow">worker · <span class="cl-worker-state">${esc(w.state)}</span>${w.pid ? ` · pid ${esc(w.pid)}` : ""}${when}
+          · ${esc(w.restarts)} restart${w.restarts === 1 ? "" : "s"}${w.gpu != null ? ` · GPU ${esc(w.gpu)}` : ""}${w.last_exit != null ? ` · last exit ${esc(w.last_exit)}` : ""}</span>
+        <button data-act="log" data-name="${esc(b.name)}" aria-expanded="${Boolean(lines)}" title="The last lines of its log"
+          aria-label="Log of ${esc(b.name)}"><i class="pi pi-align-left"></i>Log</button>
+        <button data-act="restart" data-name="${esc(b.name)}" ${busy} title="Stop this ComfyUI and start it again"
+          aria-label="Restart ${esc(b.name)}"><i class="pi pi-replay"></i>Restart</button></div>
+      ${w.last_error ? `<div class="cl-reason">${esc(w.last_error)}</div>` : ""}
+      ${lines ? `<pre class="cl-log cl-mono" aria-label="Log of ${esc(b.name)}">${esc(lines.join("\n")) || "(empty)"}</pre>` : ""}`;
   }
 
   // A badge when the peer lacks what another peer has; its list on hover (title) and on click.
@@ -438,6 +472,8 @@ export function createPanel(host) {
       else if (act === "remove") actions.remove(name).catch(() => {});
       else if (act === "check") actions.check().catch(() => {});
       else if (act === "cancel") actions.cancel(id).catch(() => {});
+      else if (act === "restart") actions.restart(name).catch(() => {});
+      else if (act === "log") actions.log(name);
       else if (act === "missing") {
         if (!state.openMissing.delete(name)) state.openMissing.add(name);
         draw();

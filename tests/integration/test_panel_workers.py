@@ -9,7 +9,8 @@ import pytest
 
 from tests.integration.test_panel import open_page
 from tests.simcluster import start_balancer, wait_for
-from tests.unit.test_workers import FAKE_MAIN, REPO, free_ports
+from tests.procs import free_ports
+from tests.unit.test_workers import FAKE_MAIN, REPO
 
 pytestmark = pytest.mark.real
 

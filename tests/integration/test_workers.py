@@ -149,3 +149,31 @@ def test_kill_9_of_the_balancer_leaves_no_worker(comfy_env, workdir):
         until(lambda: not [p for p in pids if procs.alive(p)], "workers gone after kill -9 of the balancer", lb, 30)
     finally:
         lb.stop()
+
+
+def test_inside_comfyui_workers_run_on_the_coordinators_own_install(comfy_env, workdir):
+    """A coordinator ComfyUI with `workers:` and no other peer: its worker is its own
+    ComfyUI and Python, runs prompts, and the ComfyLB in the worker stays out of the way
+    (it does not attach, so it starts no workers of its own)."""
+    from tests.conftest import coordinator
+
+    section = {"count": 1, "base_port": procs.free_ports(1), "args": ["--cpu"]}
+    coord = coordinator(comfy_env, workdir, "coord_workers",
+                        {"health_check": {"interval": 1.0, "timeout": 2.0}, "workers": section})
+    try:
+        coord.wait_ready("/system_stats", STARTUP)
+        procs.wait_backends(coord, {"worker-0"}, timeout=STARTUP)
+        worker = get(coord, "/lb/backends/worker-0")
+        assert worker["worker"]["state"] == "running"
+        prompt = sleep_prompt(0.1, "inside-workers")
+
+        async def run() -> list[str]:
+            async with Client(coord.url) as c:
+                return (await c.run(prompt, timeout=STARTUP)).types()
+        assert "execution_success" in asyncio.run(run())
+        log = get(coord, "/lb/backends/worker-0/log?lines=400")
+        text = "\n".join(log["lines"])
+        assert "a local worker of a coordinator: not attaching" in text
+        assert "worker-1" not in json.dumps(get(coord, "/lb/backends"))  # no worker started a worker
+    finally:
+        coord.stop()

@@ -110,9 +110,7 @@ async def _serve(cfg: Config, demo: bool) -> int:
     sims = await _demo_peers(cfg) if demo else []
     lead, standby = None, None
     if cfg.storage.url:
-        from .pgstore import redacted
-
-        lead = Leadership(cfg.storage.url, redacted(cfg.storage.url), cfg.server.advertised())
+        lead = Leadership(cfg.storage.url, cfg.server.advertised())
         if not lead.try_lead():
             standby = await _stand_by(cfg, lead, stop)
             if standby is None:

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .store import StoreError
+from .pgstore import connect, redacted
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,9 @@ CHECK_EVERY = 2.0            # seconds between a leader's checks that it still h
 
 
 class Leadership:
-    def __init__(self, url: str, shown: str, me: str) -> None:
+    def __init__(self, url: str, me: str) -> None:
         self.url = url
-        self.shown = shown  # the URL without its password
+        self.shown = redacted(url)  # for logs
         self.me = me        # how clients reach this coordinator (server.advertise_url)
         self.leading = False
         self._holder = self._connect()  # holds the lock while leading; waits for it while not
@@ -41,15 +41,7 @@ class Leadership:
         self._seen: tuple[float, str | None] = (0.0, None)
 
     def _connect(self) -> Any:
-        try:
-            import psycopg
-        except ImportError:
-            raise StoreError("storage.url needs the psycopg package: pip install 'psycopg[binary]'") from None
-        try:
-            db = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        except psycopg.Error as e:
-            raise StoreError(f"state database {self.shown} cannot be reached ({str(e).strip().splitlines()[0]}); "
-                             "check storage.url and that PostgreSQL is running") from None
+        db = connect(self.url)
         # a leader whose machine vanishes must lose the lock within LEASE seconds
         third = max(1, LEASE // 4)
         db.execute(f"SET tcp_keepalives_idle = {third}; SET tcp_keepalives_interval = {third}; "

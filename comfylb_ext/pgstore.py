@@ -72,6 +72,25 @@ _UPSERT = {
 _REPLACE = re.compile(r"^INSERT OR REPLACE INTO (\w+)(.*)$", re.S)
 
 
+def _driver() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("storage.url needs the psycopg package: pip install 'psycopg[binary]'") from None
+    return psycopg
+
+
+def connect(url: str) -> Any:
+    """A connection to the database at `url` (autocommit), or one clear StoreError line."""
+    psycopg = _driver()
+    try:
+        return psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.Error as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StoreError(f"state database {redacted(url)} cannot be reached ({reason}); check storage.url and "
+                         "that PostgreSQL is running") from None
+
+
 def redacted(url: str) -> str:
     """The URL without its password, for logs and errors."""
     parts = urlsplit(url)
@@ -99,17 +118,8 @@ class PgStore(Store):
         super().__init__(redacted(url))
 
     def _open(self, path: str) -> Any:
-        try:
-            import psycopg
-        except ImportError:
-            raise StoreError("storage.url needs the psycopg package: pip install 'psycopg[binary]'") from None
-        self.ERRORS = (psycopg.Error,)
-        try:
-            db = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        except psycopg.Error as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StoreError(f"state database {path} cannot be reached ({reason}); check storage.url and that "
-                             "PostgreSQL is running") from None
+        db = connect(self.url)
+        self.ERRORS = (_driver().Error,)
         try:
             self._prepare(db, path)
         except BaseException:

@@ -158,12 +158,10 @@ def _lead(cfg: Config) -> Leadership | None:
     is the standalone balancer's (inside ComfyUI, the UI would keep sending to itself)."""
     if not cfg.storage.url:
         return None
-    from ..pgstore import redacted
-
-    lead = Leadership(cfg.storage.url, redacted(cfg.storage.url), cfg.server.advertised())
+    lead = Leadership(cfg.storage.url, cfg.server.advertised())
     if not lead.try_lead():
         lead.close()
-        raise StoreError(f"another coordinator leads the cluster in {redacted(cfg.storage.url)}; inside ComfyUI "
+        raise StoreError(f"another coordinator leads the cluster in {lead.shown}; inside ComfyUI "
                          "this one cannot stand by: run it as the standalone balancer, or stop the other")
     _LEADERSHIP.append(lead)
     return lead

@@ -117,8 +117,8 @@ def test_a_schema_newer_than_the_code_is_refused(url):
 async def test_one_coordinator_leads_and_the_next_takes_over_when_it_goes(url):
     from comfylb_ext.leadership import Leadership
 
-    first = Leadership(url, url, "http://a:1")
-    second = Leadership(url, url, "http://b:2")
+    first = Leadership(url, "http://a:1")
+    second = Leadership(url, "http://b:2")
     try:
         assert first.try_lead() and not second.try_lead()
         assert second.leader() == "http://a:1" and first.leader() is None  # a leader passes no one on
@@ -128,7 +128,7 @@ async def test_one_coordinator_leads_and_the_next_takes_over_when_it_goes(url):
         first.close()  # its session ends: the lock is free at once
         await asyncio.wait_for(waiting, 10)
         assert second.leading
-        third = Leadership(url, url, "http://c:3")
+        third = Leadership(url, "http://c:3")
         assert third.leader() == "http://b:2"
         third.close()
     finally:

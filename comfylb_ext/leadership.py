@@ -67,11 +67,15 @@ class Leadership:
                          "EXCLUDED.value", (json.dumps({"url": self.me, "since": time.time()}),))
         log.info("this coordinator leads the cluster (state in %s)", self.shown)
 
-    def leader(self) -> str | None:
-        """The leading coordinator's URL, as it announced it (looked up at most once a second)."""
+    async def leader(self) -> str | None:
+        """The leading coordinator's URL, as it announced it.  Asked on every request a
+        stand-by passes on: looked up in the database (in a thread) at most once a second."""
         at, url = self._seen
         if time.monotonic() - at < 1.0:
             return url
+        return await asyncio.to_thread(self._look_up)
+
+    def _look_up(self) -> str | None:
         try:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'leader'").fetchone()
             found = json.loads(row[0]).get("url") if row else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -31,7 +31,7 @@ def _headers(request: web.Request) -> dict[str, str]:
     return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | WS_HEADERS}
 
 
-def standby_app(leader: Callable[[], str | None]) -> web.Application:
+def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
     """`leader()`: the leading coordinator's URL, or None while there is none."""
     app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
     sockets: set[web.WebSocketResponse] = set()
@@ -46,7 +46,7 @@ def standby_app(leader: Callable[[], str | None]) -> web.Application:
         await session["s"].close()
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        target = await asyncio.to_thread(leader)
+        target = await leader()
         if target is None:
             return web.json_response({"error": NO_LEADER}, status=503, headers={"Retry-After": "2"})
         url = target.rstrip("/") + request.rel_url.path_qs
@@ -71,7 +71,7 @@ def standby_app(leader: Callable[[], str | None]) -> web.Application:
 
     async def ready(request: web.Request) -> web.Response:
         """Ready for an orchestrator once there is a leader to pass clients on to."""
-        target = await asyncio.to_thread(leader)
+        target = await leader()
         # no token needed, so nothing more: the leader's address stays inside
         return web.json_response({"ready": target is not None, "role": "standby"}, status=200 if target else 503)
 

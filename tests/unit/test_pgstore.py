@@ -121,7 +121,7 @@ async def test_one_coordinator_leads_and_the_next_takes_over_when_it_goes(url):
     second = Leadership(url, "http://b:2")
     try:
         assert first.try_lead() and not second.try_lead()
-        assert second.leader() == "http://a:1" and first.leader() is None  # a leader passes no one on
+        assert await second.leader() == "http://a:1" and await first.leader() is None  # a leader passes no one on
         waiting = asyncio.ensure_future(second.wait_to_lead())
         await asyncio.sleep(0)
         assert not waiting.done()
@@ -129,7 +129,7 @@ async def test_one_coordinator_leads_and_the_next_takes_over_when_it_goes(url):
         await asyncio.wait_for(waiting, 10)
         assert second.leading
         third = Leadership(url, "http://c:3")
-        assert third.leader() == "http://b:2"
+        assert await third.leader() == "http://b:2"
         third.close()
     finally:
         first.close()

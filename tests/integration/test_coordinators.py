@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import urllib.error
 import urllib.request
 from collections import Counter
 
@@ -113,6 +114,14 @@ async def test_clients_on_both_coordinators_each_prompt_once_each_client_its_own
     a, b, _ = pair
     assert _get(a.url + "/lb/ready") == {"ready": True, "role": "leader"}
     assert _get(b.url + "/lb/ready") == {"ready": True, "role": "standby"}
+    # a page on another site gets no further through a stand-by than through the leader
+    for lb in (a, b):
+        req = urllib.request.Request(lb.url + "/prompt", data=json.dumps({"prompt": sleep_prompt(0)}).encode(),
+                                     headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == 403
+    assert _get(b.url + "/queue") == {"queue_running": [], "queue_pending": []}
     sampler = Sampler(peers)
     async with Client(a.url) as ca, Client(b.url) as cb:
         runs = {c: [(await c.queue(sleep_prompt(0.3, f"pair-{i}")))[2] for i in range(12)] for c in (ca, cb)}

@@ -270,7 +270,6 @@ async def test_cancel_from_the_job_queue(browser, coordinator_current, peers, sh
             await ui.wait(row.locator("[class*='lucide--zap']"), 30000)
         await page.screenshot(path=str(shots / "fe158-running.png"))
 
-        started = time.monotonic()
         async with page.expect_response(lambda r: r.url.endswith(f"/api/jobs/{ids[0]}/cancel")) as answer:
             await rows[0].hover()
             await rows[0].get_by_role("button", name="Cancel").click()
@@ -287,7 +286,6 @@ async def test_cancel_from_the_job_queue(browser, coordinator_current, peers, sh
         for pid in ids:
             ran_on[pid], entry = await peer_history(peers[:2], pid, 20)
             assert messages(entry)[-1] == "execution_interrupted", messages(entry)
-        assert time.monotonic() - started < 20
         assert set(ran_on.values()) == {peers[0].name, peers[1].name}, ran_on
         for row in rows:  # no longer running in the UI either
             await ui.wait(row.locator("[class*='lucide--zap']"), 15000, state="detached")

@@ -92,3 +92,15 @@ def test_the_example_config_is_valid():
 
     cfg = load(REPO / "config.example.yaml")
     assert cfg.backends[0].name == "comfy-1" and cfg.storage.database == "comfylb.db" and cfg.auth.token == ""
+
+
+@pytest.mark.parametrize("url", ["sqlite:///x.db", "postgresql:/no-slashes", "postgresql://h/db with space",
+                                 "http://h/db", "postgresql://h/db\nDROP", 5])
+def test_a_storage_url_that_is_not_postgresql_is_refused_by_its_field(url):
+    with pytest.raises(ConfigError) as e:
+        parse({"storage": {"url": url}})
+    assert "storage.url" in str(e.value)
+
+
+def test_a_postgresql_storage_url_is_taken():
+    assert parse({"storage": {"url": "postgresql://u:p@db.example:5432/comfylb"}}).storage.url.endswith("/comfylb")

@@ -115,6 +115,13 @@ async def known(cluster) -> None:
     await wait_for(lambda: all(p.object_info for p in cluster.peers.values() if not p.removed), cluster)
 
 
+async def joined(cluster, name: str, port: int) -> None:
+    """A peer added at runtime, linked, and every peer's catalog known."""
+    cluster.add_peer(BackendConfig(name=name, port=port))
+    await wait_for(lambda: cluster.peers[name].available, cluster)
+    await known(cluster)
+
+
 async def test_each_peer_lacks_the_checkpoint_only_the_other_has():
     async with lb_over_sims(2, sim_kw=TWO_CHECKPOINTS) as (url, sims, cluster):
         await known(cluster)
@@ -182,9 +189,7 @@ async def test_a_peer_answering_garbage_for_models_breaks_no_one_else(models):
     routes = {("GET", "/models"): route, ("GET", "/models/{folder}"): folder}
     async with hostile_peer(routes) as (port, seen):
         async with lb_over_sims(2, sim_kw=TWO_CHECKPOINTS) as (url, sims, cluster):
-            cluster.add_peer(BackendConfig(name="liar", port=port))
-            await wait_for(lambda: cluster.peers["liar"].available, cluster)
-            await known(cluster)
+            await joined(cluster, "liar", port)
             async with aiohttp.ClientSession() as s:
                 status, body = await get(s, url + "/lb/inventory")
                 assert status == 200, body
@@ -204,9 +209,7 @@ async def test_a_peer_that_stalls_on_a_folder_is_answered_for_in_time(monkeypatc
               ("GET", "/models/checkpoints"): answer(["sim-a.safetensors"]), ("GET", "/models/loras"): _slow(3600)}
     async with hostile_peer(routes) as (port, seen):
         async with lb_over_sims(1) as (url, sims, cluster):
-            cluster.add_peer(BackendConfig(name="slow", port=port))
-            await wait_for(lambda: cluster.peers["slow"].available, cluster)
-            await known(cluster)
+            await joined(cluster, "slow", port)
             async with aiohttp.ClientSession() as s:
                 status, inv = await asyncio.wait_for(get(s, url + "/lb/backends/slow/inventory"), 5)
     assert status == 200 and inv["models"] == {"checkpoints": ["sim-a.safetensors"]} and inv["unlisted"] == ["loras"]
@@ -219,9 +222,7 @@ async def test_listings_are_asked_once_until_the_catalog_changes_and_packs_get_a
               ("GET", "/models/{folder}"): answer(["sim-a.safetensors"])}
     async with hostile_peer(routes) as (port, seen):
         async with lb_over_sims(1) as (url, sims, cluster):
-            cluster.add_peer(BackendConfig(name="packed", port=port))
-            await wait_for(lambda: cluster.peers["packed"].available, cluster)
-            await known(cluster)
+            await joined(cluster, "packed", port)
             async with aiohttp.ClientSession() as s:
                 for _ in range(3):
                     status, body = await get(s, url + "/lb/inventory")

@@ -192,12 +192,18 @@ async def test_inside_comfyui_the_state_in_postgresql_and_a_second_one_says_why_
     try:
         await asyncio.gather(asyncio.to_thread(first.wait_ready, "/system_stats", 180),
                              asyncio.to_thread(second.wait_ready, "/system_stats", 180))
-        procs.wait_backends(first, {peers[0].name})
-        async with Client(first.url) as c:
+        # Both start at once, so either may take the lead; exactly one does.
+        states = {lb.name: _get(lb.url + "/lb/state") for lb in (first, second)}
+        leaders = [lb for lb in (first, second) if states[lb.name]["attached"]]
+        assert len(leaders) == 1, states
+        leader = leaders[0]
+        other = second if leader is first else first
+        procs.wait_backends(leader, {peers[0].name})
+        async with Client(leader.url) as c:
             run = await c.run(sleep_prompt(0.1, "inside"))
             assert "execution_success" in run.types()
         assert run.prompt_id in ran_on(peers[:1], [run.prompt_id])
-        state = _get(second.url + "/lb/state")
+        state = states[other.name]
         assert state["attached"] is False and "another coordinator leads" in state["reason"]
     finally:
         first.stop()

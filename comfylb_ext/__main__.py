@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     cfg = load(args.config) if args.config else Config()
+    if cfg.role == "peer":
+        raise ConfigError("role", "peer: the agent runs inside the peer's ComfyUI (ComfyLB in its custom_nodes); "
+                                  "the standalone balancer is a coordinator", cfg.source)
     if args.host:
         cfg.server.host = args.host
     if args.port is not None:

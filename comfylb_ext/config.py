@@ -31,6 +31,7 @@ class Order(TextEnum):
 
 
 STRATEGIES = Strategy.names()
+ROLES = ("coordinator", "peer")
 ORDERS = Order.names()
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -153,6 +154,23 @@ class AuthConfig:
     # Listen beyond loopback with no token at all, on purpose (else the standalone balancer
     # refuses to start, and the extension answers /lb/* to this machine only).
     allow_open: bool = False
+    # Shared with the ComfyLB agents on peers (role: peer): lets this coordinator copy model
+    # files between peers.  Each agent's config has the same value.  "" = no copies.
+    agent_secret: str = ""
+
+
+class Provision(TextEnum):
+    """What happens to a prompt naming a model only busy peers have."""
+    OFF = "off"              # it waits for one of them
+    ON_DEMAND = "on_demand"  # the model is copied to an idle agent peer, unless waiting is quicker
+
+
+@dataclass
+class ProvisioningConfig:
+    models: Provision = Provision.OFF
+    copies_at_once: int = 2
+    # what a copy is expected to take, before one has been measured: bytes/s between peers
+    expected_mb_per_s: float = 100.0
 
 
 @dataclass
@@ -189,13 +207,17 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     backends: list[BackendConfig] = field(default_factory=list)
+    # coordinator: balances prompts over its peers; peer: this ComfyUI is a peer and ComfyLB
+    # only runs its agent (agent.py), which needs auth.agent_secret
+    role: str = "coordinator"
     source: str | None = None
 
 
 # read as text; checked against their members once the section is read
 _TYPES = {"float": float, "int": int, "bool": bool, "str": str, "list": list, "dict": dict, "Strategy": str,
-          "Order": str}
+          "Order": str, "Provision": str}
 
 
 def _check_type(path: str, value: Any, typ: type) -> Any:
@@ -315,7 +337,8 @@ def _parse(raw: Any, source: str | None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", "expected a mapping of sections")
-    known = {"server", "scheduler", "health_check", "queue", "storage", "auth", "local", "workers", "backends"}
+    known = {"server", "scheduler", "health_check", "queue", "storage", "auth", "local", "workers", "backends",
+             "provisioning", "role"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown section (known: {', '.join(sorted(known))})")
@@ -328,8 +351,24 @@ def _parse(raw: Any, source: str | None) -> Config:
         auth=_section(AuthConfig, raw.get("auth"), "auth"),
         local=_section(LocalConfig, raw.get("local"), "local"),
         workers=parse_workers(raw.get("workers")),
+        provisioning=_section(ProvisioningConfig, raw.get("provisioning"), "provisioning"),
+        role=raw.get("role", "coordinator"),
         source=source,
     )
+    if cfg.role not in ROLES:
+        raise ConfigError("role", f"expected one of {', '.join(ROLES)}, got {cfg.role!r}")
+    if cfg.role == "peer" and not cfg.auth.agent_secret:
+        raise ConfigError("auth.agent_secret", "role: peer needs the secret its coordinator has in auth.agent_secret")
+    if cfg.auth.agent_secret and len(cfg.auth.agent_secret) < 16:
+        raise ConfigError("auth.agent_secret", "use at least 16 characters (it guards writing model files)")
+    prov = cfg.provisioning
+    if prov.models not in Provision.names():
+        raise ConfigError("provisioning.models", f"expected one of {', '.join(Provision.names())}, got {prov.models!r}")
+    prov.models = Provision(prov.models)
+    if prov.copies_at_once < 1 or prov.expected_mb_per_s <= 0:
+        raise ConfigError("provisioning", "copies_at_once must be at least 1 and expected_mb_per_s greater than 0")
+    if prov.models == Provision.ON_DEMAND and not cfg.auth.agent_secret:
+        raise ConfigError("provisioning.models", "on_demand copies models through agents: set auth.agent_secret")
     check_port("server.port", cfg.server.port)
     cfg.server.allowed_origins = [check_origin(f"server.allowed_origins[{i}]", o)
                                   for i, o in enumerate(cfg.server.allowed_origins)]

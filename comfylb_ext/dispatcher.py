@@ -33,11 +33,13 @@ from .notify import STATUS_EVENT, Notifier
 from .outputs import Outputs, ViewCache
 from .peer import SMALL_BODY, Peer, PeerError, clean_system_stats, why_unavailable
 from .peerevents import PeerEvents
+from .provisioning import Provisioner
 from .recovery import Recovery
 from .relay import Hub, Relay
 from .scheduler import SchedulerState, longest_first, pick
 from .store import BIG_ROW, Snapshot, StateStore, Store, StoreError
 from .tasks import DISPATCHED, QUEUED, Task
+from .transfers import Agents, Transfers
 from .uploads import InputStore, file_ref
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,11 @@ class Cluster:
                                  notify=self.notify, metrics=self.metrics, recovery=self.recovery, spawn=self.spawn,
                                  learn=self.learn, slot_freed=self.pump, drained=self._retire_if_idle)
         self.control = QueueControl(self.ledger, self.peers, self.recovery, self.notify, self.pump)
+        self.transfers = Transfers(Agents(cfg.auth.agent_secret), self.peers.get, lambda: self.session, self.spawn,
+                                   self.changed, self.catalog.refresh, cfg.provisioning.copies_at_once)
+        self.events.agents = self.transfers.agents
+        self.provisioner = Provisioner(cfg.provisioning, self.peers, self.catalog, self.transfers, self.spawn,
+                                       self._tell_waiting)
 
     # what other modules and tests read; the ledger owns it
     tasks = property(lambda self: self.ledger.tasks)
@@ -184,8 +191,8 @@ class Cluster:
     def snapshot(self) -> dict:
         """Everything the panel shows, in one message."""
         return {"stats": self.stats(), "backends": [p.describe() for p in self.peers.values()],
-                "scheduler": self.scheduler_info(),
-                "queue": [t.summary() for t in self.ledger.live(SNAPSHOT_TASKS)]}
+                "scheduler": self.scheduler_info(), "queue": [t.summary() for t in self.ledger.live(SNAPSHOT_TASKS)],
+                "transfers": self.transfers.describe()}
 
     def stats(self) -> dict:
         peers = self.peers.values()
@@ -201,9 +208,9 @@ class Cluster:
         }
 
     def scheduler_info(self) -> dict:
-        return {"strategy": self.sched.strategy, "prefer_idle": self.sched.prefer_idle,
-                "affinity": self.sched.affinity, "order": self.sched.order, "strategies": list(Strategy.names()),
-                "orders": list(Order.names())}
+        s = self.sched
+        return {"strategy": s.strategy, "prefer_idle": s.prefer_idle, "affinity": s.affinity, "order": s.order,
+                "strategies": list(Strategy.names()), "orders": list(Order.names())}
 
     # -- peers at runtime --------------------------------------------------------------
     def add_peer(self, b: BackendConfig, persist: bool = False) -> Peer:
@@ -343,9 +350,11 @@ class Cluster:
                 log.info("prompts are being dispatched again")
             self.changed()
 
-    def _tell_waiting(self, task: Task) -> None:
-        if task.client_id and self._waiting:
-            self.notify.tell_waiting(task.client_id, task.prompt_id, any(not p.removed for p in self.peers.values()))
+    def _tell_waiting(self, task: Task, why: str | None = None) -> None:
+        if task.client_id and (self._waiting or why):
+            configured = any(not p.removed for p in self.peers.values())
+            self.notify.tell_waiting(task.client_id, task.prompt_id, why or (
+                f"no peer is {'available right now' if configured else 'configured'}; the prompt waits in the queue until one is"))
 
     def waiting_reason(self) -> str | None:
         """Why queued prompts wait although they could run, for people: None when they
@@ -379,6 +388,7 @@ class Cluster:
                 if chosen is not None:
                     break
             else:
+                self.provisioner.consider(self.ledger.queue.ordered(), peers)
                 return
             peer = self.peers[chosen.name]
             task = self._warm_alternative(task, peer)
@@ -458,22 +468,6 @@ class Cluster:
             await self.ledger.failed(task, peer_refusal(task.prompt_id, peer.name, status, body))
         self.pump()
 
-    async def verdict(self, task: Task, wait: float) -> tuple[int, Any] | None:
-        """POST /prompt of a task a peer took at once: the peer's own answer when it
-        refused (a custom node's validation that only it can judge), else None.  Called
-        right after submit(), before the peer is asked."""
-        if task.state != DISPATCHED or task.attempts != 1:
-            return None  # it waits here: the answer cannot wait for a peer
-        task.verdict = asyncio.get_running_loop().create_future()
-        try:
-            status, body = await asyncio.wait_for(asyncio.shield(task.verdict), wait)
-        except asyncio.TimeoutError:
-            status = body = None
-        task.verdict = None  # from now on a refusal fails it as usual
-        if status == 400 and isinstance(body, dict) and "error" in body:
-            return status, {"error": body["error"], "node_errors": body.get("node_errors") or {}}
-        return None
-
     def learn(self, task: Task, seconds: float) -> None:
         """A successful run's time, in the cluster's typical peer's time (so a slow GPU's
         runs do not make its workflows look long), for the cost model."""
@@ -489,7 +483,6 @@ class Cluster:
     def any_peer(self) -> Peer | None:
         ready = [p for p in self.peers.values() if p.available]
         return min(ready, key=lambda p: len(p.inflight)) if ready else None
-
 
 
 def _log_crash(t: asyncio.Task) -> None:

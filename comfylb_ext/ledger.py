@@ -9,10 +9,11 @@ dispatcher's business; the ledger only writes down what was decided.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import execution_interrupted
 from .history import History
@@ -277,6 +278,22 @@ class Ledger:
         """(prompt id, position, entry) of every entry, to write the database anew."""
         for i, (pid, e) in enumerate(self.history.items().items()):
             yield pid, e["prompt"][0] if e.get("prompt") else i, e
+
+    async def verdict(self, task: Task, wait: float) -> tuple[int, Any] | None:
+        """POST /prompt of a task a peer took at once: the peer's own answer when it
+        refused (a custom node's validation that only it can judge), else None.  Called
+        right after submit(), before the peer is asked."""
+        if task.state != DISPATCHED or task.attempts != 1:
+            return None  # it waits here: the answer cannot wait for a peer
+        task.verdict = asyncio.get_running_loop().create_future()
+        try:
+            status, body = await asyncio.wait_for(asyncio.shield(task.verdict), wait)
+        except asyncio.TimeoutError:
+            status = body = None
+        task.verdict = None  # from now on a refusal fails it as usual
+        if status == 400 and isinstance(body, dict) and "error" in body:
+            return status, {"error": body["error"], "node_errors": body.get("node_errors") or {}}
+        return None
 
 
 def _outcome(task: Task, outcome: str) -> None:

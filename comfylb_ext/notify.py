@@ -45,10 +45,8 @@ class Notifier:
     def queue_changed(self) -> None:
         self.spawn(self.status())
 
-    def tell_waiting(self, client_id: str, prompt_id: str, configured: bool) -> None:
+    def tell_waiting(self, client_id: str, prompt_id: str, reason: str) -> None:
         """A submitter hears why its prompt waits, as custom nodes tell the web UI things:
         an event on its socket (the sidebar extension shows it as a toast).  Peer names
         and errors stay on /lb/*: any client may read this."""
-        reason = "no peer is available right now" if configured else "no peer is configured"
-        self.spawn(self.hub.send_json(WAITING_EVENT, {
-            "prompt_id": prompt_id, "reason": f"{reason}; the prompt waits in the queue until one is"}, client_id))
+        self.spawn(self.hub.send_json(WAITING_EVENT, {"prompt_id": prompt_id, "reason": reason}, client_id))

@@ -144,6 +144,7 @@ class Peer:
         # Prompts taken back from this peer while it was away; dropped from its queue when it returns.
         self.abandoned: set[str] = set()
         self.jobs_api = True  # until it answers /api/jobs with a 404 (ComfyUI before the jobs API)
+        self.agent: bool | None = None  # runs a ComfyLB agent that takes our secret (transfers.Agents.probe)
         self._ws_task: asyncio.Task | None = None
         self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
 
@@ -401,6 +402,7 @@ class Peer:
             "recent_job_time": self.job_time, "models": sorted(self.models),
             "devices": (self.system_stats or {}).get("devices", []),
             "worker": self.worker() if self.worker is not None else None,
+            "agent": self.agent,
             "at": time.time(),
         })  # never NaN, whatever came in (the panel's JSON.parse refuses it)
 

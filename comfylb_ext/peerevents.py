@@ -44,6 +44,7 @@ class PeerEvents:
         self.learn = learn            # a successful run's time, for the cost model
         self.slot_freed = slot_freed  # a peer has room again: dispatch
         self.drained = drained        # a peer finished a prompt: a removed one may go now
+        self.agents: Any = None       # transfers.Agents: whether a peer that links runs an agent
 
     # -- the link ----------------------------------------------------------------------
     async def on_link_up(self, peer: Peer) -> None:
@@ -51,6 +52,8 @@ class PeerEvents:
         if peer.abandoned:
             self.spawn(self.recovery.drop_abandoned(peer))
         self.spawn(self.catalog.refresh(peer))
+        if self.agents is not None:
+            self.spawn(self.agents.probe(peer))
         if peer.tasks:
             self.spawn(self.recovery.reconcile(peer))
         self.slot_freed()

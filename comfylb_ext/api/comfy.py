@@ -242,7 +242,7 @@ class ComfyApi:
             task, node_errors = await self.cluster.submit(data, request.content_length or 0)
         except Rejection as e:
             return _json(e.body, status=e.status)
-        refused = await self.cluster.verdict(task, ANSWER_WITHIN)
+        refused = await self.cluster.ledger.verdict(task, ANSWER_WITHIN)
         if refused is not None:
             return _json(refused[1], status=refused[0])
         return _json({"prompt_id": task.prompt_id, "number": task.number, "node_errors": node_errors})

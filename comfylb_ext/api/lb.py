@@ -12,6 +12,7 @@ from ..config import ConfigError, parse_backend
 from ..dispatcher import ITSELF, SCHEDULER_CHOICES, STATUS_EVENT, Cluster
 from ..peer import Peer
 from ..tasks import State
+from ..transfers import CopyRefused
 from ..workers import LOG_LINES, MAX_LOG_LINES, Worker, Workers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -62,6 +63,8 @@ class LbApi:
             ("POST", "/lb/backends/{name}/disable", self.disable),
             ("GET", "/lb/backends/{name}/log", self.worker_log),
             ("POST", "/lb/backends/{name}/restart", self.restart_worker),
+            ("POST", "/lb/backends/{name}/models", self.copy_model),
+            ("GET", "/lb/transfers", self.transfers),
             ("GET", "/lb/tasks", self.tasks),
             ("GET", "/lb/tasks/{task_id}", self.task),
             ("DELETE", "/lb/tasks/{task_id}", self.cancel_task),
@@ -286,6 +289,29 @@ class LbApi:
             return error(409, f"{worker.name!r} is stopped: the coordinator is shutting down")
         await worker.restart()
         return web.json_response({"name": worker.name, **worker.describe()}, status=202)
+
+    async def copy_model(self, request: web.Request) -> web.Response:
+        """POST /lb/backends/{name}/models {folder, name, from, sha256?}: copy a model file to
+        this peer from another peer (`from` its name) or an http(s) URL; 202 with the copy,
+        whose progress GET /lb/transfers and the status push tell."""
+        dest = self._peer(request)
+        if isinstance(dest, web.Response):
+            return dest
+        raw = await read_object(request, "{folder, name, from, sha256?}")
+        if isinstance(raw, web.Response):
+            return raw
+        unknown = set(raw) - {"folder", "name", "from", "sha256"}
+        if unknown:
+            return error(400, f"unknown field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
+        try:
+            copy, new = await self.cluster.transfers.start(dest, raw.get("folder"), raw.get("name"), raw.get("from"),
+                                                           raw.get("sha256"))
+        except CopyRefused as e:
+            return error(e.status, str(e))
+        return web.json_response(copy.describe(), status=202 if new else 200)
+
+    async def transfers(self, request: web.Request) -> web.Response:
+        return web.json_response({"transfers": self.cluster.transfers.describe()})
 
     async def cancel_task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]

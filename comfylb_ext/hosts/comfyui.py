@@ -14,6 +14,7 @@ import mimetypes
 import os
 import re
 import sys
+import threading
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -118,6 +119,9 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
         log.error("ComfyLB: config error: %s; ComfyUI runs as usual", e)
         detached(server, f"config error: {e}; fix it, then restart ComfyUI", path)
         return None
+    if cfg.role == "peer":
+        serve_agent(server, cfg, path)
+        return None
     if not any(b.enabled for b in cfg.backends) and not cfg.local.enabled and not cfg.workers.enabled:
         log.info("ComfyLB: no enabled peer in %s; ComfyUI runs as usual", path)
         detached(server, f"no enabled peer in {path}: list your peers under backends, "
@@ -141,6 +145,21 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
         log.error("ComfyLB: state error: %s; ComfyUI runs as usual", e)
         detached(server, f"state error: {e}", path)
         return None
+
+
+def serve_agent(server: Any, cfg: Config, path: str) -> None:
+    """role: peer — this ComfyUI is a peer: ComfyLB lists, serves and receives its model
+    files for the coordinator (agent.py) and balances nothing."""
+    from ..agent import Agent
+
+    agent = Agent(cfg.auth.agent_secret)
+    for method, route, handler in agent.routes():
+        server.routes.route(method, route)(agent.guarded(handler))
+    threading.Thread(target=agent.sweep, name="comfylb-agent-sweep", daemon=True).start()
+    log.info("ComfyLB: role peer: the agent serves this ComfyUI's model files to its coordinator "
+             "(signed with auth.agent_secret); prompts are not balanced here")
+    detached(server, "this ComfyUI is a peer (role: peer): ComfyLB only copies model files for its "
+                     "coordinator here; manage the cluster on the coordinator", path)
 
 
 _LEADERSHIP: list[Leadership] = []  # held for as long as this ComfyUI runs: the lock lives in its session

@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from .api.comfy import MAX_UPLOAD_SIZE
+from .errors import error, error_body
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
     async def forward(request: web.Request) -> web.StreamResponse:
         target = await leader()
         if target is None:
-            return web.json_response({"error": NO_LEADER}, status=503, headers={"Retry-After": "2"})
+            return no_leader(request)
         url = target.rstrip("/") + request.rel_url.path_qs
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await _bridge(request, session["s"], url, sockets)
@@ -67,7 +68,7 @@ def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
                 return resp
         except aiohttp.ClientError as e:
             log.warning("the leader at %s did not answer: %s", target, e)
-            return web.json_response({"error": NO_LEADER}, status=503, headers={"Retry-After": "2"})
+            return no_leader(request)
 
     async def ready(request: web.Request) -> web.Response:
         """Ready for an orchestrator once there is a leader to pass clients on to."""
@@ -82,6 +83,16 @@ def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
     return app
 
 
+def no_leader(request: web.Request) -> web.Response:
+    """503 in the shape the caller reads: ComfyLB's on /lb/*, ComfyUI's error dict elsewhere
+    (its clients show error.message)."""
+    if request.path.startswith(("/lb/", "/api/lb/")):
+        body: dict = {"error": NO_LEADER}
+    else:
+        body = error_body(error("coordinator_unavailable", NO_LEADER, "no coordinator leads the cluster"))
+    return web.json_response(body, status=503, headers={"Retry-After": "2"})
+
+
 async def _bridge(request: web.Request, session: aiohttp.ClientSession, url: str,
                   sockets: set[web.WebSocketResponse]) -> web.StreamResponse:
     """A client's websocket, joined to one on the leader until either closes."""
@@ -90,7 +101,7 @@ async def _bridge(request: web.Request, session: aiohttp.ClientSession, url: str
                                             max_msg_size=0, heartbeat=30.0)
     except aiohttp.ClientError as e:
         log.warning("no websocket to the leader: %s", e)
-        return web.json_response({"error": NO_LEADER}, status=503, headers={"Retry-After": "2"})
+        return no_leader(request)
     client = web.WebSocketResponse(max_msg_size=MAX_UPLOAD_SIZE, heartbeat=30.0)
     await client.prepare(request)
     sockets.add(client)

@@ -127,6 +127,7 @@ class Cluster:
             elif b.name not in self.peers:
                 self.runtime_peers[b.name] = b
                 self.add_peer(b)
+        await self._fetch_inputs()
         self._restore()
         self.health.start()
         self.spawn(self._keep_state_on_disk())
@@ -135,6 +136,12 @@ class Cluster:
                  f"; {len(self.runtime_peers)} of them added at runtime ({', '.join(self.runtime_peers)}: kept in "
                  "the state database, not the config; DELETE /lb/backends/{name} removes one for good)"
                  if self.runtime_peers else "")
+
+    async def _fetch_inputs(self) -> None:
+        """Uploads another coordinator took while it led (a shared database keeps them)."""
+        got = await asyncio.wrap_future(self.db.fetch_inputs(self.store.digest_of, self.store.put))
+        if got:
+            log.info("%d uploaded input(s) fetched from the state database", got)
 
     def _restore(self) -> None:
         """Pick up where the last run stopped: history, counters, files, and every task

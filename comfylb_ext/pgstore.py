@@ -11,19 +11,21 @@ Which of several coordinators on one database writes here is leadership.py's bus
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import Config
-from .store import Snapshot, StateStore, Store, StoreError, write_all
+from .store import BIG_ROW, Snapshot, StateStore, Store, StoreError, write_all
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inputs (uploads), so any coordinator that takes the lead has them
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -53,6 +55,8 @@ CREATE TABLE IF NOT EXISTS peers (name TEXT PRIMARY KEY, config TEXT NOT NULL, i
 CREATE TABLE IF NOT EXISTS files (type TEXT, subfolder TEXT, filename TEXT, peer TEXT NOT NULL,
                                   PRIMARY KEY (type, subfolder, filename));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inputs (type TEXT, subfolder TEXT, filename TEXT, sha256 TEXT NOT NULL, data BYTEA NOT NULL,
+                                   PRIMARY KEY (type, subfolder, filename));
 CREATE TABLE IF NOT EXISTS runs (shape BYTEA NOT NULL, features TEXT NOT NULL, seconds DOUBLE PRECISION NOT NULL,
                                  id BIGSERIAL);
 """
@@ -68,6 +72,7 @@ _UPSERT = {
     "peers": (("name",), ("config",)),
     "files": (("type", "subfolder", "filename"), ("peer",)),
     "meta": (("key",), ("value",)),
+    "inputs": (("type", "subfolder", "filename"), ("sha256", "data")),
 }
 _REPLACE = re.compile(r"^INSERT OR REPLACE INTO (\w+)(.*)$", re.S)
 
@@ -171,6 +176,29 @@ class PgStore(Store):
                     "nothing acknowledged was lost", self.path, len(state.tasks), len(state.history))
         self.problem = None
         return True
+
+
+    # -- uploaded inputs: in the database, so the next leader has them ------------------------
+    async def save_input(self, key: tuple[str, str, str], sha256: str, data: bytes) -> None:
+        """Acknowledged (the upload answered) only once stored: a leader killed right after
+        must not leave a prompt naming a file the next one lacks."""
+        await asyncio.wrap_future(self._future(
+            lambda: self._run("INSERT OR REPLACE INTO inputs VALUES (?,?,?,?,?)", (*key, sha256, data)),
+            big=len(data) > BIG_ROW))
+
+    def fetch_inputs(self, have: Callable[[tuple[str, str, str]], str | None],
+                     put: Callable[[tuple[str, str, str], bytes], None]) -> "Future[int]":
+        """Every stored input this coordinator lacks (or holds other bytes of) written by
+        `put`, on the database's thread, one row in memory at a time; how many."""
+        def fetch() -> int:
+            wanted = [key for *key, sha in self._query("SELECT type, subfolder, filename, sha256 FROM inputs").fetchall()
+                      if have(tuple(key)) != sha]
+            for key in wanted:
+                row = self._query("SELECT data FROM inputs WHERE type=? AND subfolder=? AND filename=?", key).fetchone()
+                if row is not None:
+                    put(tuple(key), bytes(row[0]))
+            return len(wanted)
+        return self._future(fetch, big=True)
 
 
 def open_store(cfg: Config) -> StateStore:

@@ -124,6 +124,9 @@ class StateStore(Protocol):
     def load_runs(self, keep: int) -> list[tuple[Shape, float]]: ...
     def get(self, key: str, default: Any = None) -> Any: ...
     def put(self, key: str, value: Any) -> None: ...
+    async def save_input(self, key: tuple[str, str, str], sha256: str, data: bytes) -> None: ...
+    def fetch_inputs(self, have: Callable[[tuple[str, str, str]], str | None],
+                     put: Callable[[tuple[str, str, str], bytes], None]) -> "Future[int]": ...
 
 
 class Store:
@@ -407,6 +410,18 @@ class Store:
     def load_peers(self) -> list[BackendConfig]:
         return self._now(lambda: _readable(lambda row: BackendConfig(**json.loads(row[0])),
                                            self._query("SELECT config FROM peers ORDER BY rowid"), "peer"))
+
+    # -- uploaded inputs ---------------------------------------------------------------------
+    # Kept in the database only where several coordinators share it (pgstore.py): here the
+    # files in storage.dir are the record.
+    async def save_input(self, key: tuple[str, str, str], sha256: str, data: bytes) -> None:
+        return None
+
+    def fetch_inputs(self, have: Callable[[tuple[str, str, str]], str | None],
+                     put: Callable[[tuple[str, str, str], bytes], None]) -> "Future[int]":
+        done: Future[int] = Future()
+        done.set_result(0)
+        return done
 
     # -- files and counters ----------------------------------------------------------------
     def set_files(self, rows: list[tuple[str, str, str, str]]) -> None:

@@ -9,9 +9,12 @@ own upload routes, in the extension) needs no bookkeeping here.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TYPES = ("input", "temp", "output")
 ANNOTATIONS = {"[output]": "output", "[input]": "input", "[temp]": "temp"}
@@ -137,6 +140,18 @@ class InputStore:
             return None
         digest = self._digest(path)
         return StoredFile(typ, subfolder, filename, digest) if digest else None
+
+    def digest_of(self, key: tuple[str, str, str]) -> str | None:
+        f = self.lookup(*key)
+        return f.sha256 if f is not None else None
+
+    def put(self, key: tuple[str, str, str], data: bytes) -> None:
+        """A file another coordinator stored, under its own name."""
+        typ, subfolder, filename = key
+        try:
+            self.save(data, filename, subfolder, typ, overwrite=True)
+        except UploadError as e:  # a name this file system refuses: that one file is missing here
+            log.warning("input %s/%s/%s not stored here: %s", typ, subfolder, filename, e)
 
     def named(self, value: object) -> StoredFile | None:
         """The stored file a prompt's string input names, if any."""

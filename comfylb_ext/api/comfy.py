@@ -479,6 +479,7 @@ class ComfyApi:
             f = self.store.save(data, image.filename, sub, typ, overwrite=post.get("overwrite") in ("true", "1"))
         except UploadError as e:
             return bad_request("Invalid upload path", str(e))
+        await self.cluster.db.save_input(f.key, f.sha256, data)
         return web.json_response({"name": f.filename, "subfolder": sub, "type": typ})
 
     async def upload_mask(self, request: web.Request) -> web.Response:
@@ -514,6 +515,7 @@ class ComfyApi:
             composited = await _peer_mask(peer, data, image.filename, original_ref)
             f = self.store.save(composited, image.filename, sub, typ,
                                 overwrite=post.get("overwrite") in ("true", "1"))
+            await self.cluster.db.save_input(f.key, f.sha256, composited)
         except PeerError as e:
             return web.Response(status=502, text=str(e))
         except UploadError as e:

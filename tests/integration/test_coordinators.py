@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import urllib.error
 import urllib.request
@@ -143,7 +144,13 @@ async def test_clients_on_both_coordinators_each_prompt_once_each_client_its_own
 
 async def test_the_leader_killed_mid_run_the_other_takes_over_and_it_rejoins(pair, peers):
     a, b, start = pair
+    picture = os.urandom(2048)
     async with Client(a.url) as ca, Client(b.url) as cb:
+        form = aiohttp.FormData()
+        form.add_field("image", picture, filename="before-takeover.png", content_type="image/png")
+        async with cb.session.post(cb.base + "/upload/image", data=form) as r:  # through b, to the leader a
+            assert r.status == 200, await r.text()
+            uploaded = await r.json()
         ids = {c: [(await c.queue(sleep_prompt(1.0, "takeover")))[1]["prompt_id"] for _ in range(8)]
                for c in (ca, cb)}
         await ca.until(lambda: any("execution_start" in r.types() for r in ca.runs.values()), 60)
@@ -165,6 +172,9 @@ async def test_the_leader_killed_mid_run_the_other_takes_over_and_it_rejoins(pai
         assert sum(before[pid] == 0 for pid in every) >= 8  # killed mid-run: most had not finished
         assert all(before[pid] + after[pid] == 1 for pid in every), (before, after)
         assert set(ran_on(peers, every).values()) == {1}
+        # what was uploaded to the old leader is served by the new one (the database kept it)
+        status, got = await again[cb].get(f"/view?filename={uploaded['name']}&type=input")
+        assert status == 200 and got == picture
         # the killed one comes back standing by, and answers as the leader does
         back = start("a2")
         procs.wait_backends(back, {p.name for p in peers})

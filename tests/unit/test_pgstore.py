@@ -158,3 +158,26 @@ async def test_state_written_while_the_database_was_away_is_written_again(url):
     [back] = db.load_tasks(finished=10)
     assert (back.prompt_id, back.state, back.peer) == (t.prompt_id, RUNNING, "p0") and db.get("number") == 3
     db.close()
+
+
+async def test_uploads_kept_in_postgresql_reach_the_next_leaders_folder(url, tmp_path):
+    """What one coordinator stored as an upload, the next one to lead writes into its own
+    folder at start — only what it lacks or holds other bytes of."""
+    from comfylb_ext.uploads import InputStore
+
+    first = PgStore(url)
+    old = InputStore(tmp_path / "old")
+    pictures = {"a.png": b"first picture", "b.png": b"second picture"}
+    for name, data in pictures.items():
+        f = old.save(data, name, "sub")
+        await first.save_input(f.key, f.sha256, data)
+    first.close()
+
+    second = PgStore(url)
+    new = InputStore(tmp_path / "new")
+    new.save(b"stale bytes", "b.png", "sub", overwrite=True)
+    assert await asyncio.wrap_future(second.fetch_inputs(new.digest_of, new.put)) == 2
+    for name, data in pictures.items():
+        assert new.path_of(new.lookup("input", "sub", name)).read_bytes() == data
+    assert await asyncio.wrap_future(second.fetch_inputs(new.digest_of, new.put)) == 0  # nothing lacking now
+    second.close()

@@ -41,6 +41,8 @@ PARTIAL_MAX_AGE = 24 * 3600.0
 CHUNK = 4 << 20                # bytes written to disk at once
 HASH_BLOCK = 8 << 20
 RECEIVE_WAIT = 30.0            # seconds a resumed copy waits for its broken-off predecessor to end
+PARTIAL_WAIT = 5.0             # seconds a question about a partial file waits for such a one (the sender's
+                               # own requests time out after transfers.SETUP_WITHIN)
 FREE_MARGIN = 1 << 30          # bytes left free on the peer's disk after a copy
 NOT_MODELS = frozenset({"custom_nodes", "configs"})
 _SEGMENT = re.compile(r"[^\x00-\x1f\x7f/\\:*?\"<>|]{1,255}")
@@ -131,14 +133,17 @@ def place(folders: dict[str, tuple[list[str], set[str]]], folder: Any, name: Any
     ext = os.path.splitext(name)[1].lower()
     if ext not in extensions:
         raise BadName(f"{folder} holds {', '.join(sorted(e for e in extensions if e)) or 'no'} files, not {ext or 'extensionless'} ones")
-    for base in (bases if existing else bases[:1]):
-        root = os.path.realpath(base)
-        path = os.path.realpath(os.path.join(root, *name.split("/")))
-        if not path.startswith(root + os.sep):  # a symlinked folder inside leads elsewhere
-            raise BadName(f"name {name!r} leads outside the {folder} folder")
-        if not existing or os.path.isfile(path):
-            return Place(folder, name, root, path)
-    raise FileNotFoundError(f"{folder}/{name} is not on this peer")
+    if existing:  # read as ComfyUI reads it: a model symlinked in from shared storage is one of its models
+        for base in bases:
+            path = os.path.join(os.path.abspath(base), *name.split("/"))  # check_name: no way up
+            if os.path.isfile(path):
+                return Place(folder, name, os.path.abspath(base), path)
+        raise FileNotFoundError(f"{folder}/{name} is not on this peer")
+    root = os.path.realpath(bases[0])
+    path = os.path.realpath(os.path.join(root, *name.split("/")))
+    if not path.startswith(root + os.sep):  # written only inside: a symlinked folder inside leads elsewhere
+        raise BadName(f"name {name!r} leads outside the {folder} folder")
+    return Place(folder, name, root, path)
 
 
 # -- hashing ----------------------------------------------------------------------------
@@ -261,6 +266,14 @@ class Agent:
 
     async def partial_info(self, request: web.Request) -> web.Response:
         at = place(self.folders(), request.query.get("folder"), request.query.get("name"), existing=False)
+        lock = self._receiving.get(at.path)
+        if lock is not None and lock.locked():  # a broken-off copy's handler may not have written all it
+            # read yet: its sender, asking where to resume, would hear too little and lose an attempt (409)
+            try:
+                await asyncio.wait_for(lock.acquire(), PARTIAL_WAIT)
+                lock.release()
+            except asyncio.TimeoutError:
+                pass
         have = os.path.getsize(at.partial) if os.path.isfile(at.partial) else 0
         return web.json_response({"have": have, "exists": os.path.isfile(at.path)})
 
@@ -269,8 +282,8 @@ class Agent:
         lock = self._receiving.get(at.path)
         if lock is not None and lock.locked():
             self._drop_after.add(at.path)
-        elif os.path.isfile(at.partial):
-            os.remove(at.partial)
+        else:
+            _drop(at)
         return web.json_response({"dropped": True})
 
     async def receive(self, request: web.Request) -> web.Response:
@@ -296,8 +309,7 @@ class Agent:
             lock.release()  # kept: one lock per file ever copied here, a handful
             if at.path in self._drop_after:
                 self._drop_after.discard(at.path)
-                if os.path.isfile(at.partial):
-                    os.remove(at.partial)
+                _drop(at)
 
     async def _receive_locked(self, request: web.Request, at: Place, size: int, offset: int,
                               digest: str) -> web.Response:
@@ -337,14 +349,14 @@ class Agent:
                 await asyncio.to_thread(_write, out, hasher, bytes(buffer))
                 got += len(buffer)
         if over:
-            os.remove(at.partial)
+            _drop(at)
             return _error(400, f"more than the declared {size} bytes: the partial file was dropped")
         if got < size:
             log.info("agent: %s/%s: the sender stopped at byte %d of %d; kept to resume", at.folder, at.name, got, size)
             return web.json_response({"error": f"the body ended at byte {got} of {size}", "have": got}, status=400)
         got_digest = hasher.hexdigest()
         if digest and got_digest != digest:
-            os.remove(at.partial)
+            _drop(at)
             return _error(400, f"sha256 of what arrived is {got_digest}, not {digest}: dropped")
         digest = got_digest
         os.replace(at.partial, at.path)
@@ -365,6 +377,19 @@ class Agent:
                             os.remove(path)
                             removed += 1
         return removed
+
+
+def _drop(at: Place) -> None:
+    """A partial file given up, and the folders made for it if they are now empty."""
+    if os.path.isfile(at.partial):
+        os.remove(at.partial)
+    folder = os.path.dirname(at.path)
+    while folder != at.base and folder.startswith(at.base + os.sep):
+        try:
+            os.rmdir(folder)  # only if empty
+        except OSError:
+            break
+        folder = os.path.dirname(folder)
 
 
 def _write(out: Any, hasher: Any, data: bytes) -> None:

@@ -204,7 +204,7 @@ class Transfers:
                 t.state = "done"
                 log.info("copied %s/%s to %s from %s (%d bytes)", t.folder, t.name, t.peer, t.describe()["source"],
                          t.done)
-            except (CopyRefused, PeerError, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+            except Exception as e:  # whatever went wrong, the copy ends failed, with nothing left behind
                 t.state, t.error = "failed", str(e) or e.__class__.__name__
                 log.warning("copy of %s/%s to %s failed: %s", t.folder, t.name, t.peer, t.error)
                 await self._drop_partial(t)
@@ -236,10 +236,14 @@ class Transfers:
             except (PeerError, aiohttp.ClientError, asyncio.TimeoutError) as e:
                 if attempt == ATTEMPTS:
                     raise
-                status, body = 0, {"error": str(e) or e.__class__.__name__}
-                s, answer = await self.agents.call(dest, "GET", "/lb/agent/partial", {"folder": t.folder, "name": t.name})
-                if s == 200 and isinstance(answer, dict):
-                    body["have"] = answer.get("have")
+                status, body = 0, {"error": str(e) or e.__class__.__name__, "have": have}
+                try:  # where the receiver got to; if it cannot say, its 409 to the next try will
+                    s, answer = await self.agents.call(dest, "GET", "/lb/agent/partial",
+                                                       {"folder": t.folder, "name": t.name})
+                    if s == 200 and isinstance(answer, dict):
+                        body["have"] = answer.get("have")
+                except PeerError:
+                    pass
             if status in (200, 201):
                 if isinstance(body, dict) and isinstance(body.get("sha256"), str):
                     t.sha256 = body["sha256"]

@@ -155,7 +155,16 @@ def serve_agent(server: Any, cfg: Config, path: str) -> None:
     agent = Agent(cfg.auth.agent_secret)
     for method, route, handler in agent.routes():
         server.routes.route(method, route)(agent.guarded(handler))
-    threading.Thread(target=agent.sweep, name="comfylb-agent-sweep", daemon=True).start()
+    def sweep() -> None:  # partial copies nobody resumed, hourly for as long as ComfyUI runs
+        while True:
+            try:
+                agent.sweep()
+            except OSError as e:
+                log.warning("ComfyLB agent: partial copies not swept: %s", e)
+            if stopped.wait(3600):
+                return
+    stopped = threading.Event()
+    threading.Thread(target=sweep, name="comfylb-agent-sweep", daemon=True).start()
     log.info("ComfyLB: role peer: the agent serves this ComfyUI's model files to its coordinator "
              "(signed with auth.agent_secret); prompts are not balanced here")
     detached(server, "this ComfyUI is a peer (role: peer): ComfyLB only copies model files for its "

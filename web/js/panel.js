@@ -60,14 +60,14 @@ const STYLES = `
   background: var(--comfy-input-bg, #222); border-radius: 6px; padding: 4px 6px; }
 `;
 
-const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+export const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const gb = (bytes) => (bytes ? `${(bytes / 2 ** 30).toFixed(1)} GB` : "–");
-const secs = (s) => (s == null ? "–" : s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(0)} s`);
+export const secs = (s) => (s == null ? "–" : s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(0)} s`);
 const SHOWN = 12;  // names per list in a peer's "missing" list; the rest are counted
 const LOG_LINES = 40;  // lines of a local worker's log the panel shows
 
 // What a peer lacks (an entry of GET /lb/inventory) as [label, names, how many in all] rows.
-function missingRows(inv) {
+export function missingRows(inv) {
   const rows = Object.entries(inv?.lacks?.models || {}).map(([folder, files]) => [folder, files, files.length]);
   const listed = rows.reduce((n, r) => n + r[2], 0);
   if (inv?.missing?.models > listed) rows.push(["more model files", [], inv.missing.models - listed]);
@@ -77,8 +77,8 @@ function missingRows(inv) {
   }
   return rows;
 }
-const missingCount = (inv) => Object.values(inv?.missing || {}).reduce((n, v) => n + (Number(v) || 0), 0);
-const namesText = (names, total) => (!names.length ? `${total}`
+export const missingCount = (inv) => Object.values(inv?.missing || {}).reduce((n, v) => n + (Number(v) || 0), 0);
+export const namesText = (names, total) => (!names.length ? `${total}`
   : names.slice(0, SHOWN).join(", ") + (total > Math.min(names.length, SHOWN) ? ` … (${total} in all)` : ""));
 
 /**
@@ -107,6 +107,7 @@ export function createPanel(host) {
     inventory: null,   // GET /lb/inventory's backends: what each peer lacks
     openMissing: new Set(),  // peers whose "missing" list is shown
     logs: new Map(),   // local worker name → the last lines of its log, while shown
+    watchers: new Set(),  // called with this state after every draw (watch(): the cluster view)
   };
 
   async function errorOf(r) {
@@ -436,6 +437,15 @@ export function createPanel(host) {
       // adding a peer needs a running ComfyLB, and the right to manage it
       root.querySelector(".cl-form").hidden = Boolean(state.detached) || !state.snapshot;
     }
+    for (const watcher of state.watchers) {
+      try { watcher(state); } catch (e) { console.error("ComfyLB: a view of the panel's state failed", e); }
+    }
+  }
+
+  // Another view of the same state (cluster.js): told after every draw; returns its unwatch.
+  function watch(callback) {
+    state.watchers.add(callback);
+    return () => state.watchers.delete(callback);
   }
 
   function syncForm() {
@@ -500,5 +510,5 @@ export function createPanel(host) {
     for (const root of [...state.roots]) if (!root.isConnected || el?.contains(root)) state.roots.delete(root);
   }
 
-  return {render, destroy, refresh, resubscribe, state, actions};
+  return {render, destroy, refresh, resubscribe, watch, state, actions};
 }

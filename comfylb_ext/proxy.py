@@ -32,29 +32,34 @@ def _headers(request: web.Request) -> dict[str, str]:
     return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | WS_HEADERS}
 
 
-def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
-    """`leader()`: the leading coordinator's URL, or None while there is none."""
-    app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
-    sockets: set[web.WebSocketResponse] = set()
-    session: dict[str, aiohttp.ClientSession] = {}
+class Forwarder:
+    """Passes requests and websockets on to the leader: the standalone stand-by's whole app
+    (standby_app), and inside ComfyUI the stand-by's ComfyLB routes (hosts/comfyui.py)."""
 
-    async def start(app: web.Application) -> None:
-        session["s"] = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+    def __init__(self, leader: Callable[[], Awaitable[str | None]]) -> None:
+        self.leader = leader   # the leading coordinator's URL, or None while there is none
+        self.sockets: set[web.WebSocketResponse] = set()
+        self.session: aiohttp.ClientSession | None = None
 
-    async def stop(app: web.Application) -> None:
-        for ws in list(sockets):
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+
+    async def close(self) -> None:
+        """Clients' sockets close (they reconnect, to whoever leads now)."""
+        for ws in list(self.sockets):
             await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"coordinator stopping")
-        await session["s"].close()
+        if self.session is not None:
+            await self.session.close()
 
-    async def forward(request: web.Request) -> web.StreamResponse:
-        target = await leader()
-        if target is None:
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        target = await self.leader()
+        if target is None or self.session is None:
             return no_leader(request)
         url = target.rstrip("/") + request.rel_url.path_qs
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await _bridge(request, session["s"], url, sockets)
+            return await _bridge(request, self.session, url, self.sockets)
         try:
-            async with session["s"].request(request.method, url, headers=_headers(request),
+            async with self.session.request(request.method, url, headers=_headers(request),
                                             data=request.content if request.body_exists else None,
                                             allow_redirects=False) as upstream:
                 resp = web.StreamResponse(status=upstream.status)
@@ -70,6 +75,18 @@ def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
             log.warning("the leader at %s did not answer: %s", target, e)
             return no_leader(request)
 
+
+def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
+    """`leader()`: the leading coordinator's URL, or None while there is none."""
+    app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
+    forwarder = Forwarder(leader)
+
+    async def start(app: web.Application) -> None:
+        await forwarder.start()
+
+    async def stop(app: web.Application) -> None:
+        await forwarder.close()
+
     async def ready(request: web.Request) -> web.Response:
         """Ready for an orchestrator once there is a leader to pass clients on to."""
         target = await leader()
@@ -79,7 +96,7 @@ def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
     app.router.add_get("/lb/ready", ready)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app.router.add_route("*", "/{tail:.*}", forwarder.forward)
     return app
 
 

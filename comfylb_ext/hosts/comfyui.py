@@ -24,9 +24,10 @@ from .. import jsonsafe, replacements
 from ..access import Access, cross_site_refusal, is_loopback_client, listens_beyond_loopback, served_file_headers
 from ..api.comfy import EXTENSION, ComfyApi, Handler, Route
 from ..api.lb import LbApi
-from ..config import BackendConfig, Config, ConfigError, load
+from ..config import BackendConfig, Config, ConfigError, ServerConfig, load
 from ..dispatcher import Cluster
 from ..peer import INSTANCE_HEADER
+from ..proxy import Forwarder
 from ..leadership import Leadership
 from ..pgstore import open_store
 from ..store import StoreError
@@ -136,11 +137,7 @@ def attach_from_environment(server: Any, here: str) -> Cluster | None:
     if not os.path.isabs(cfg.storage.dir):
         cfg.storage.dir = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.storage.dir)
     try:
-        lead = _lead(cfg)
-        cluster = attach(server, cfg)
-        if lead is not None:
-            lead.watch(lambda: server.loop.call_soon_threadsafe(_stop_leading, cluster))
-        return cluster
+        return attach(server, cfg, _lead(cfg))
     except StoreError as e:
         log.error("ComfyLB: state error: %s; ComfyUI runs as usual", e)
         detached(server, f"state error: {e}", path)
@@ -182,17 +179,68 @@ def _stop_leading(cluster: Cluster) -> None:
 
 
 def _lead(cfg: Config) -> Leadership | None:
-    """With storage.url, this coordinator must lead the cluster: standing by for another one
-    is the standalone balancer's (inside ComfyUI, the UI would keep sending to itself)."""
+    """With storage.url: leading the cluster now, or standing by (lead.leading says which).
+    Other coordinators reach this one at server.advertise_url, else at ComfyUI's own address."""
     if not cfg.storage.url:
         return None
-    lead = Leadership(cfg.storage.url, cfg.server.advertised())
-    if not lead.try_lead():
-        lead.close()
-        raise StoreError(f"another coordinator leads the cluster in {lead.shown}; inside ComfyUI "
-                         "this one cannot stand by: run it as the standalone balancer, or stop the other")
+    if cfg.server.advertise_url:
+        me = cfg.server.advertised()
+    else:
+        from comfy.cli_args import args  # only inside ComfyUI
+
+        listen = (args.listen or "127.0.0.1").split(",")[0].strip()
+        me = ServerConfig(host=listen, port=int(args.port)).advertised()
+    lead = Leadership(cfg.storage.url, me)
+    lead.try_lead()
     _LEADERSHIP.append(lead)
     return lead
+
+
+UPLOADS = ("/upload/image", "/upload/mask")  # ComfyUI's own routes: it stores them where the cluster reads
+
+
+def _keeping_uploads(cluster: Cluster, store: InputStore) -> Any:
+    """With a shared database, an upload ComfyUI stored is kept there too, so whichever
+    coordinator leads next has it (Cluster.start fetches what it lacks)."""
+    @web.middleware
+    async def keep_uploads(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        path = request.path[4:] if request.path.startswith("/api/") else request.path
+        if request.method != "POST" or path not in UPLOADS or response.status != 200 \
+                or not isinstance(response, web.Response) or not isinstance(response.body, bytes):
+            return response
+        try:
+            said = json.loads(response.body)
+            f = store.lookup(str(said.get("type") or "input"), str(said.get("subfolder") or ""), str(said["name"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return response
+        if f is not None:
+            await cluster.db.save_input(f.key, f.sha256, await asyncio.to_thread(store.path_of(f).read_bytes))
+        return response
+    return keep_uploads
+
+
+class StandBy:
+    """While another coordinator leads, this ComfyUI passes the cluster's routes (its API,
+    /ws, /lb/*) on to it; the web UI's files, settings and user data stay this ComfyUI's.
+    `leading` turns true once this one has taken over and its cluster has started."""
+
+    def __init__(self, lead: Leadership, table: list[tuple[str, re.Pattern, Intercept]]) -> None:
+        self.forwarder = Forwarder(lead.leader)
+        self.table = table
+        self.leading = False
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.leading:
+            return await handler(request)
+        path = request.path[4:] if request.path.startswith("/api/") else request.path
+        if path == "/lb/ready":
+            there = await self.forwarder.leader()
+            return web.json_response({"ready": there is not None, "role": "standby"}, status=200 if there else 503)
+        if path == "/ws" or path.startswith("/lb/") or path in UPLOADS or match(self.table, request.method, request.path) is not None:
+            return await self.forwarder.forward(request)
+        return await handler(request)
 
 
 def detached(server: Any, reason: str, path: str) -> None:
@@ -425,7 +473,7 @@ def _workers(cfg: Config) -> Workers:
     return resolve(w, install, cfg.storage.dir, taken, environ)
 
 
-def attach(server: Any, cfg: Config) -> Cluster:
+def attach(server: Any, cfg: Config, lead: Leadership | None = None) -> Cluster:
     import folder_paths  # only inside ComfyUI
 
     secret = uuid.uuid4().hex
@@ -447,7 +495,12 @@ def attach(server: Any, cfg: Config) -> Cluster:
                        api_origins=frozenset({cors.strip().lower().rstrip("/")}) if cors else frozenset(),
                        cookie_paths=("/lb", "/api/lb"))
     log.info("ComfyLB: %s", access.describe(api=False))
+    standby = StandBy(lead, table) if lead is not None and not lead.leading else None
+    if standby is not None:
+        server.app.middlewares.append(standby.middleware)  # before ComfyLB's own: the leader answers instead
     server.app.middlewares.append(_middleware(table, access, secret))
+    if lead is not None:
+        server.app.middlewares.append(_keeping_uploads(cluster, store))
 
     async def sign(request: web.Request, response: web.StreamResponse) -> None:
         if request.headers.get(BYPASS) != secret:  # the `local` peer is this ComfyUI on purpose
@@ -456,14 +509,43 @@ def attach(server: Any, cfg: Config) -> Cluster:
     workers = _workers(cfg)
     for method, path, handler in LbApi(cluster, access, workers).routes():
         server.routes.route(method, path)(handler)  # ComfyUI adds the /api twin
+    async def ready(request: web.Request) -> web.Response:  # for orchestrators (a stand-by answers itself)
+        return web.json_response({"ready": True, "role": "leader" if lead is not None else "alone"})
+    server.routes.get("/lb/ready")(ready)
     server.get_queue_info = lambda: {"exec_info": {"queue_remaining": cluster.ledger.remaining()}}
     _no_local_assets()
 
-    async def start(app: web.Application) -> None:
+    async def lead_now() -> None:
+        if lead is not None:
+            lead.watch(lambda: server.loop.call_soon_threadsafe(_stop_leading, cluster))
         await cluster.start()
         await workers.start(cluster, cfg.workers)
 
+    async def take_over(standby: StandBy) -> None:
+        assert lead is not None
+        await standby.forwarder.start()
+        log.info("ComfyLB: standing by: another coordinator leads the cluster in %s; this ComfyUI passes "
+                 "prompts and its clients on to it, and takes over if it goes", lead.shown)
+        await lead.wait_to_lead()
+        await lead_now()
+        standby.leading = True
+        await standby.forwarder.close()  # its clients reconnect: to this ComfyUI, which leads now
+
+    waiting: list[asyncio.Task] = []
+
+    async def start(app: web.Application) -> None:
+        if standby is None:
+            await lead_now()
+        else:
+            waiting.append(asyncio.ensure_future(take_over(standby)))
+
     async def stop(app: web.Application) -> None:
+        for t in waiting:
+            t.cancel()
+        if lead is not None:
+            lead.close()  # a wait for the lock ends
+        if standby is not None and not standby.leading:
+            await standby.forwarder.close()
         await workers.stop()
         await cluster.stop()
 

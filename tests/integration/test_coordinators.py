@@ -188,11 +188,10 @@ async def test_the_leader_killed_mid_run_the_other_takes_over_and_it_rejoins(pai
             await c.__aexit__(None, None, None)
 
 
-async def test_inside_comfyui_the_state_in_postgresql_and_a_second_one_says_why_it_waits(
-        comfy_env, workdir, peers, postgres):
-    """The extension on PostgreSQL runs prompts through its peers; a second ComfyUI with
-    ComfyLB on the same database does not attach (it cannot stand by inside ComfyUI) and its
-    sidebar says why."""
+async def test_inside_comfyui_a_second_coordinator_stands_by_and_takes_over(comfy_env, workdir, peers, postgres):
+    """Two ComfyUIs with ComfyLB on one database: one leads, the other stands by — prompts and
+    its web UI's API go through it to the leader — and after `kill -9` of the leader it leads
+    and runs prompts itself, with the history the first one wrote."""
     from tests.conftest import coordinator
 
     url = postgres.database("inside")
@@ -203,18 +202,33 @@ async def test_inside_comfyui_the_state_in_postgresql_and_a_second_one_says_why_
         await asyncio.gather(asyncio.to_thread(first.wait_ready, "/system_stats", 180),
                              asyncio.to_thread(second.wait_ready, "/system_stats", 180))
         # Both start at once, so either may take the lead; exactly one does.
-        states = {lb.name: _get(lb.url + "/lb/state") for lb in (first, second)}
-        leaders = [lb for lb in (first, second) if states[lb.name]["attached"]]
-        assert len(leaders) == 1, states
-        leader = leaders[0]
-        other = second if leader is first else first
-        procs.wait_backends(leader, {peers[0].name})
-        async with Client(leader.url) as c:
+        led = {lb.name: _get(lb.url + "/lb/ready")["role"] for lb in (first, second)}
+        assert sorted(led.values()) == ["leader", "standby"], led
+        leader, other = (first, second) if led[first.name] == "leader" else (second, first)
+        procs.wait_backends(other, {peers[0].name})  # answered by the leader, through the stand-by
+        async with Client(other.url) as c:
             run = await c.run(sleep_prompt(0.1, "inside"))
             assert "execution_success" in run.types()
-        assert run.prompt_id in ran_on(peers[:1], [run.prompt_id])
-        state = states[other.name]
-        assert state["attached"] is False and "another coordinator leads" in state["reason"]
+        assert ran_on(peers[:1], [run.prompt_id])[run.prompt_id] == 1
+        picture = os.urandom(4096)
+        form = aiohttp.FormData()
+        form.add_field("image", picture, filename="inside-before.png", content_type="image/png")
+        async with aiohttp.ClientSession() as s, s.post(other.url + "/upload/image", data=form) as r:
+            assert r.status == 200, await r.text()  # stored by the leader's ComfyUI, through the stand-by
+            uploaded = await r.json()
+
+        leader.signal(signal.SIGKILL)
+        leader.popen.wait(10)
+        procs.wait_backends(other, {peers[0].name})  # its own answer now: it leads
+        assert _get(other.url + "/lb/ready")["role"] == "leader"
+        async with Client(other.url) as c:
+            again = await c.run(sleep_prompt(0.1, "inside-after"))
+            assert "execution_success" in again.types()
+            _, history = await c.get("/history")
+        assert ran_on(peers[:1], [again.prompt_id])[again.prompt_id] == 1
+        assert {run.prompt_id, again.prompt_id} <= set(history)
+        async with aiohttp.ClientSession() as s, s.get(f"{other.url}/view?filename={uploaded['name']}&type=input") as r:
+            assert r.status == 200 and await r.read() == picture  # the upload outlived its leader
     finally:
         first.stop()
         second.stop()

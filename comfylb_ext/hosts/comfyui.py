@@ -473,6 +473,47 @@ def _workers(cfg: Config) -> Workers:
     return resolve(w, install, cfg.storage.dir, taken, environ)
 
 
+def _run_with_comfyui(server: Any, cfg: Config, cluster: Cluster, workers: Workers, lead: Leadership | None,
+                      standby: StandBy | None) -> None:
+    """Started and stopped with ComfyUI's server; a stand-by starts once it leads."""
+    async def lead_now() -> None:
+        if lead is not None:
+            lead.watch(lambda: server.loop.call_soon_threadsafe(_stop_leading, cluster))
+        await cluster.start()
+        await workers.start(cluster, cfg.workers)
+
+    async def take_over(standby: StandBy) -> None:
+        assert lead is not None
+        await standby.forwarder.start()
+        log.info("ComfyLB: standing by: another coordinator leads the cluster in %s; this ComfyUI passes "
+                 "prompts and its clients on to it, and takes over if it goes", lead.shown)
+        await lead.wait_to_lead()
+        await lead_now()
+        standby.leading = True
+        await standby.forwarder.close()  # its clients reconnect: to this ComfyUI, which leads now
+
+    waiting: list[asyncio.Task] = []
+
+    async def start(app: web.Application) -> None:
+        if standby is None:
+            await lead_now()
+        else:
+            waiting.append(asyncio.ensure_future(take_over(standby)))
+
+    async def stop(app: web.Application) -> None:
+        for t in waiting:
+            t.cancel()
+        if lead is not None:
+            lead.close()  # a wait for the lock ends
+        if standby is not None and not standby.leading:
+            await standby.forwarder.close()
+        await workers.stop()
+        await cluster.stop()
+
+    server.app.on_startup.append(start)
+    server.app.on_cleanup.append(stop)
+
+
 def attach(server: Any, cfg: Config, lead: Leadership | None = None) -> Cluster:
     import folder_paths  # only inside ComfyUI
 
@@ -515,42 +556,7 @@ def attach(server: Any, cfg: Config, lead: Leadership | None = None) -> Cluster:
     server.get_queue_info = lambda: {"exec_info": {"queue_remaining": cluster.ledger.remaining()}}
     _no_local_assets()
 
-    async def lead_now() -> None:
-        if lead is not None:
-            lead.watch(lambda: server.loop.call_soon_threadsafe(_stop_leading, cluster))
-        await cluster.start()
-        await workers.start(cluster, cfg.workers)
-
-    async def take_over(standby: StandBy) -> None:
-        assert lead is not None
-        await standby.forwarder.start()
-        log.info("ComfyLB: standing by: another coordinator leads the cluster in %s; this ComfyUI passes "
-                 "prompts and its clients on to it, and takes over if it goes", lead.shown)
-        await lead.wait_to_lead()
-        await lead_now()
-        standby.leading = True
-        await standby.forwarder.close()  # its clients reconnect: to this ComfyUI, which leads now
-
-    waiting: list[asyncio.Task] = []
-
-    async def start(app: web.Application) -> None:
-        if standby is None:
-            await lead_now()
-        else:
-            waiting.append(asyncio.ensure_future(take_over(standby)))
-
-    async def stop(app: web.Application) -> None:
-        for t in waiting:
-            t.cancel()
-        if lead is not None:
-            lead.close()  # a wait for the lock ends
-        if standby is not None and not standby.leading:
-            await standby.forwarder.close()
-        await workers.stop()
-        await cluster.stop()
-
-    server.app.on_startup.append(start)
-    server.app.on_cleanup.append(stop)
+    _run_with_comfyui(server, cfg, cluster, workers, lead, standby)
     names = [b.name for b in cfg.backends if b.enabled]
     log.info("ComfyLB: prompts sent to this ComfyUI run on %d peer(s): %s%s", len(names), ", ".join(names),
              "" if cfg.local.enabled else " (not on this machine: local.enabled is false)")

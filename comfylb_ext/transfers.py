@@ -201,6 +201,9 @@ class Transfers:
         async with self.gate:
             try:
                 await self._copy(t)
+                dest = self.peers(t.peer)
+                if dest is not None:
+                    await self.copied(dest)  # its catalog lists the file before the copy is said done
                 t.state = "done"
                 log.info("copied %s/%s to %s from %s (%d bytes)", t.folder, t.name, t.peer, t.describe()["source"],
                          t.done)
@@ -211,9 +214,6 @@ class Transfers:
             finally:
                 t.ended = time.time()
                 self.changed()
-        dest = self.peers(t.peer)
-        if t.state == "done" and dest is not None:
-            await self.copied(dest)
 
     async def _copy(self, t: Transfer) -> None:
         dest = self._peer(t.peer)

@@ -56,6 +56,10 @@ const STYLES = `
   background: color-mix(in srgb, #cb3 22%, transparent); color: var(--fg-color, #ddd); }
 .comfylb .cl-missing { margin-top: 4px; padding: 2px 0 2px 8px; border-left: 2px solid #cb3; font-size: 11.5px; overflow-wrap: anywhere; }
 .comfylb .cl-missing b { font-weight: 600; }
+.comfylb .cl-file { display: flex; align-items: center; gap: 6px; padding-left: 8px; }
+.comfylb .cl-file > span { flex: 1; min-width: 0; overflow-wrap: anywhere; }
+.comfylb button.cl-copy-btn { font-size: 11px; padding: 0 7px; border-radius: 9px; flex: none; }
+.comfylb .cl-copy { margin-top: 4px; font-size: 11.5px; overflow-wrap: anywhere; }
 .comfylb .cl-log { margin: 4px 0 0; max-height: 220px; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere;
   background: var(--comfy-input-bg, #222); border-radius: 6px; padding: 4px 6px; }
 `;
@@ -64,11 +68,13 @@ export const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&am
 const gb = (bytes) => (bytes ? `${(bytes / 2 ** 30).toFixed(1)} GB` : "–");
 export const secs = (s) => (s == null ? "–" : s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(0)} s`);
 const SHOWN = 12;  // names per list in a peer's "missing" list; the rest are counted
+const FINISHED = new Set(["done", "failed"]);  // a copy in any other state is in progress
 const LOG_LINES = 40;  // lines of a local worker's log the panel shows
 
-// What a peer lacks (an entry of GET /lb/inventory) as [label, names, how many in all] rows.
+// What a peer lacks (an entry of GET /lb/inventory) as [label, names, how many in all, the
+// model folder (null on rows that are not one folder's model files)] rows.
 export function missingRows(inv) {
-  const rows = Object.entries(inv?.lacks?.models || {}).map(([folder, files]) => [folder, files, files.length]);
+  const rows = Object.entries(inv?.lacks?.models || {}).map(([folder, files]) => [folder, files, files.length, folder]);
   const listed = rows.reduce((n, r) => n + r[2], 0);
   if (inv?.missing?.models > listed) rows.push(["more model files", [], inv.missing.models - listed]);
   for (const [key, label] of [["nodes", "nodes"], ["packs", "custom node packs"]]) {
@@ -80,6 +86,18 @@ export function missingRows(inv) {
 export const missingCount = (inv) => Object.values(inv?.missing || {}).reduce((n, v) => n + (Number(v) || 0), 0);
 export const namesText = (names, total) => (!names.length ? `${total}`
   : names.slice(0, SHOWN).join(", ") + (total > Math.min(names.length, SHOWN) ? ` … (${total} in all)` : ""));
+const size = (n) => (n >= 2 ** 30 ? gb(n) : `${(n / 2 ** 20).toFixed(1)} MB`);
+
+// Whether a peer's inventory entry says it has a model file: it told its files of that folder,
+// and what it lacks is listed in full (the lists are capped), without this one.
+function hasModel(inv, folder, file) {
+  if (!inv || (inv.unknown || []).some((u) => u === "models" || u === `models/${folder}`)) return false;
+  const lacks = inv.lacks?.models || {};
+  const listed = Object.values(lacks).reduce((n, files) => n + files.length, 0);
+  return listed >= (inv.missing?.models || 0) && !(lacks[folder] || []).includes(file);
+}
+// The copies of model files to peers (the pushes' `transfers`; none from a ComfyLB before them).
+const transfersOf = (snap) => (Array.isArray(snap?.transfers) ? snap.transfers : []).filter((t) => t && typeof t === "object");
 
 /**
  * host: {
@@ -106,6 +124,7 @@ export function createPanel(host) {
     subscribed: null,  // the clientId whose socket receives the pushes
     inventory: null,   // GET /lb/inventory's backends: what each peer lacks
     openMissing: new Set(),  // peers whose "missing" list is shown
+    copiesDone: null,  // ids of the copies seen done: one more means a peer has a new model file
     logs: new Map(),   // local worker name → the last lines of its log, while shown
     watchers: new Set(),  // called with this state after every draw (watch(): the cluster view)
   };
@@ -161,6 +180,7 @@ export function createPanel(host) {
       if (state.session === undefined) state.session = Boolean((await lbState())?.session);
       subscribe();
       watchPeers();
+      watchCopies();
     } catch (e) {
       state.snapshot = e.status === 401 ? null : state.snapshot;
       if (e.status === 404) state.detached = await detachedReason();
@@ -201,6 +221,7 @@ export function createPanel(host) {
     state.snapshot = snapshot;
     state.error = null;
     watchPeers();
+    watchCopies();
     draw();
   });
 
@@ -231,6 +252,18 @@ export function createPanel(host) {
     const untold = Object.entries(state.inventory).some(([name, e]) => linked.has(name) &&
       (e.unknown || []).some((u) => u === "nodes" || u === "models"));
     if (untold && inventoryTries++ < 5) loadInventorySoon(3000);
+  }
+
+  // A copy that landed changes what its peer has: the inventory is asked again, a moment
+  // later (once the copy is done the coordinator reads that peer's files again).
+  function watchCopies() {
+    const done = new Set(transfersOf(state.snapshot).filter((t) => t.state === "done").map((t) => t.id));
+    const landed = state.copiesDone && [...done].some((id) => !state.copiesDone.has(id));
+    state.copiesDone = done;
+    if (landed) {
+      inventoryTries = 0;
+      loadInventorySoon(1000);
+    }
   }
 
   async function act(key, fn, success) {
@@ -275,6 +308,13 @@ export function createPanel(host) {
       }
       draw();
     },
+    copy: (dest, folder, file, from) => act(`copy:${dest}:${folder}/${file}`, async () => {
+      try {
+        return await call("POST", `/lb/backends/${encodeURIComponent(dest)}/models`, {folder, name: file, from});
+      } catch (e) {
+        throw Object.assign(new Error(`Copy of ${folder}/${file} to ${dest}: ${e.message}`), {status: e.status});
+      }
+    }, () => `Copying ${folder}/${file} to ${dest} from ${from}`),
     cancel: (id) => act(`cancel:${id}`, () => call("DELETE", `/lb/tasks/${encodeURIComponent(id)}`), () => `Cancelled ${id.slice(0, 8)}`),
     add: async () => {
       const f = state.form;
@@ -329,10 +369,38 @@ export function createPanel(host) {
       ${reason ? `<div class="cl-reason">${esc(reason)}</div>` : ""}
       ${b.running ? `<div class="cl-dim cl-mono" title="running prompt">▶ ${esc(b.running.slice(0, 8))}${prog != null ? ` · ${prog}%` : ""}</div>
         <div class="cl-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${prog ?? 0}"><div style="width:${prog ?? 0}%"></div></div>` : ""}
+      ${copiesTo(b.name).map(copyHtml).join("")}
       ${devices ? `<div class="cl-dim">${devices}</div>` : ""}
       ${b.worker ? workerHtml(b) : ""}
       ${state.openMissing.has(b.name) ? missingHtml(b.name) : ""}
     </div>`;
+  }
+
+  // The copies to a peer shown on its card: those in progress, and the newest one if it
+  // failed (until another copy to that peer starts).
+  function copiesTo(name) {
+    const all = transfersOf(state.snapshot).filter((t) => t.peer === name);
+    const shown = all.filter((t) => !FINISHED.has(t.state));
+    if (all[all.length - 1]?.state === "failed") shown.push(all[all.length - 1]);
+    return shown;
+  }
+
+  function copyHtml(t) {
+    const what = `${t.folder}/${t.name}`;
+    const from = t.source ? ` from ${t.source}` : "";
+    if (t.state === "failed") {
+      return `<div class="cl-copy cl-reason" data-transfer="${esc(t.id)}" data-state="failed">copy of <span class="cl-mono">${esc(what)}</span>${
+        esc(from)} failed: ${esc(t.error || "no reason given")}</div>`;
+    }
+    const done = Number(t.done) || 0;
+    const total = Number(t.total) > 0 ? Number(t.total) : null;
+    const pct = total ? Math.max(0, Math.min(100, Math.floor((100 * done) / total))) : null;
+    const verb = {queued: "waiting to copy", preparing: "preparing to copy", copying: "copying"}[t.state] || String(t.state);
+    const title = `${size(done)}${total ? ` of ${size(total)}` : ""}${t.reason === "on_demand" ? " · for a prompt that needs it" : ""}`;
+    return `<div class="cl-copy" data-transfer="${esc(t.id)}" data-state="${esc(t.state)}" title="${esc(title)}">
+        <div class="cl-dim">${esc(verb)} <span class="cl-mono">${esc(what)}</span>${esc(from)}${pct != null ? ` — ${pct}%` : ""}</div>
+        <div class="cl-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${pct ?? 0}"
+          aria-label="Copy of ${esc(what)} to ${esc(t.peer)}"><div style="width:${pct ?? 0}%"></div></div></div>`;
   }
 
   // A local worker (workers: in the config): its process, a restart button and its log.
@@ -363,10 +431,35 @@ export function createPanel(host) {
       title="${esc(`${name} lacks what another peer has:\n${hover}`)}" aria-label="${esc(name)} lacks ${count}: show the list">missing ${count}</button>`;
   }
 
+  // A peer to copy a model file from that `dest` lacks: both run an agent that takes the
+  // coordinator's secret, and the source has the file (an available one first).
+  function copySource(dest, folder, file) {
+    const backends = (state.snapshot?.backends || []).filter((b) => !b.removed);
+    if (backends.find((b) => b.name === dest)?.agent !== true) return null;
+    const from = backends.filter((b) => b.name !== dest && b.agent === true && hasModel(state.inventory?.[b.name], folder, file));
+    return (from.find((b) => b.available) || from[0])?.name ?? null;
+  }
+
+  function copyButton(dest, folder, file, from) {
+    const what = `${folder}/${file}`;
+    const busy = state.pending.has(`copy:${dest}:${what}`) ||
+      copiesTo(dest).some((t) => !FINISHED.has(t.state) && t.folder === folder && t.name === file);
+    return `<button class="cl-copy-btn" data-act="copy" data-name="${esc(dest)}" data-folder="${esc(folder)}" data-file="${esc(file)}"
+      data-from="${esc(from)}" ${busy ? "disabled" : ""} title="${esc(busy ? `${what} is being copied to ${dest}` : `Copy ${what} to ${dest} from ${from}`)}"
+      aria-label="${esc(`Copy ${what} to ${dest} from ${from}`)}">copy</button>`;
+  }
+
   function missingHtml(name) {
     const inv = state.inventory?.[name];
     if (!missingCount(inv)) return "";
-    const rows = missingRows(inv).map(([label, names, total]) => `<div><b>${esc(label)}</b>: <span class="cl-mono">${esc(namesText(names, total))}</span></div>`);
+    const rows = missingRows(inv).map(([label, names, total, folder]) => {
+      const files = folder == null ? [] : names.slice(0, SHOWN).map((file) => [file, copySource(name, folder, file)]);
+      if (!files.some(([, from]) => from)) return `<div><b>${esc(label)}</b>: <span class="cl-mono">${esc(namesText(names, total))}</span></div>`;
+      // one line a file, with a button where another peer can send it
+      return `<div><b>${esc(label)}</b>:</div>${files.map(([file, from]) => `<div class="cl-file" data-file="${esc(file)}">
+          <span class="cl-mono">${esc(file)}</span>${from ? copyButton(name, folder, file, from) : ""}</div>`).join("")}${
+        total > files.length ? `<div class="cl-file cl-dim">… (${total} in all)</div>` : ""}`;
+    });
     const hint = inv.packs_hint ? `<div class="cl-dim cl-hint">${esc(inv.packs_hint.charAt(0).toUpperCase() + inv.packs_hint.slice(1))}. ComfyLB installs no code on peers.</div>` : "";
     return `<div class="cl-missing" role="region" aria-label="What ${esc(name)} lacks">${rows.join("")}${hint}</div>`;
   }
@@ -460,7 +553,8 @@ export function createPanel(host) {
   function focusKey(el) {
     const act = el.dataset?.act;
     if (!act) return null;
-    const extra = el.dataset.name ? `[data-name="${CSS.escape(el.dataset.name)}"]` : el.dataset.id ? `[data-id="${CSS.escape(el.dataset.id)}"]` : "";
+    const extra = (el.dataset.name ? `[data-name="${CSS.escape(el.dataset.name)}"]` : el.dataset.id ? `[data-id="${CSS.escape(el.dataset.id)}"]` : "")
+      + (el.dataset.file ? `[data-file="${CSS.escape(el.dataset.file)}"]` : "");
     return `[data-act="${act}"]${extra}`;
   }
 
@@ -482,6 +576,7 @@ export function createPanel(host) {
       else if (act === "remove") actions.remove(name).catch(() => {});
       else if (act === "check") actions.check().catch(() => {});
       else if (act === "cancel") actions.cancel(id).catch(() => {});
+      else if (act === "copy") actions.copy(name, b.dataset.folder, b.dataset.file, b.dataset.from).catch(() => {});
       else if (act === "restart") actions.restart(name).catch(() => {});
       else if (act === "log") actions.log(name);
       else if (act === "missing") {

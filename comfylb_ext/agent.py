@@ -83,6 +83,11 @@ def signed(secret: str, method: str, path: str, query: Mapping[str, str], value:
     return hmac.compare_digest(good, mac)
 
 
+def proof(secret: str, nonce: str) -> str:
+    """An agent's answer to the coordinator's nonce: only one with the secret can give it."""
+    return hmac.new(secret.encode(), f"agent-proof\n{nonce}".encode(), hashlib.sha256).hexdigest()
+
+
 # -- names ------------------------------------------------------------------------------
 class BadName(ValueError):
     """A folder or file name the agent will not touch; str() says why, for a 400."""
@@ -236,7 +241,11 @@ class Agent:
         return guarded
 
     async def hello(self, request: web.Request) -> web.Response:
-        return web.json_response({"agent": VERSION, "folders": sorted(model_folders(self.folders()))})
+        """?nonce=N: the agent proves it holds the secret too, so a peer cannot pose as an
+        agent to be sent copies of models."""
+        nonce = request.query.get("nonce", "")[:128]
+        return web.json_response({"agent": VERSION, "folders": sorted(model_folders(self.folders())),
+                                  "proof": proof(self.secret, nonce)})
 
     async def models(self, request: web.Request) -> web.Response:
         """Every model file with its size, and its sha256 where already known (the file

@@ -8,8 +8,10 @@ with auth.agent_secret) when its link comes up: no per-peer setting.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -96,12 +98,18 @@ class Agents:
         """Whether the peer runs an agent that takes our secret (peer.agent)."""
         if not self.secret:
             return
+        nonce = secrets.token_hex(16)
         try:
-            status, body = await self.call(peer, "GET", "/lb/agent")
+            status, body = await self.call(peer, "GET", "/lb/agent", {"nonce": nonce})
         except PeerError as e:
             log.debug("peer %s: no answer about an agent: %s", peer.name, e)
             return
-        was, peer.agent = peer.agent, status == 200 and isinstance(body, dict) and body.get("agent") == agent.VERSION
+        proven = isinstance(body, dict) and isinstance(body.get("proof"), str) and hmac.compare_digest(
+            body["proof"], agent.proof(self.secret, nonce))
+        was, peer.agent = peer.agent, status == 200 and proven and body.get("agent") == agent.VERSION
+        if status == 200 and not proven:
+            log.warning("peer %s answers as a ComfyLB agent but cannot prove it holds auth.agent_secret: models are "
+                        "not copied to or from it", peer.name)
         if status == 401:
             log.warning("peer %s runs a ComfyLB agent with another auth.agent_secret: models are not copied to "
                         "or from it", peer.name)

@@ -185,8 +185,10 @@ async def test_listing_has_sizes_and_hashes_once_known(served):
     (served.cl / "model").write_bytes(c)
     for other in ("notes.txt", ".hidden.safetensors", f".c.safetensors{PARTIAL}"):  # ComfyUI lists none of these
         (served.ckpt / other).write_bytes(b"x")
-    status, hello = await served.call("GET", "/lb/agent")
-    assert status == 200 and hello == {"agent": agent.VERSION, "folders": ["checkpoints", "classifiers"]}
+    status, hello = await served.call("GET", "/lb/agent", {"nonce": "n1"})
+    assert status == 200 and hello == {"agent": agent.VERSION, "folders": ["checkpoints", "classifiers"],
+                                       "proof": agent.proof(SECRET, "n1")}
+    assert agent.proof(SECRET, "n1") != agent.proof(SECRET, "n2") != agent.proof("x" * 16, "n2")
     status, listing = await served.call("GET", "/lb/agent/models")
     assert status == 200 and listing["folders"] == {
         "checkpoints": [{"name": "a.safetensors", "size": 1000, "sha256": None},

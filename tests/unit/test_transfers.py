@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from comfylb_ext import __main__ as cli
+from comfylb_ext import agent
 from comfylb_ext.agent import PARTIAL, Agent
 from comfylb_ext.capability import Capabilities, requirements
 from comfylb_ext.config import BackendConfig, ConfigError, Provision, parse
@@ -174,13 +175,17 @@ async def test_probe_finds_an_agent_only_with_the_right_secret(cluster):
     no_agent = await cluster.serve(web.Application())  # answers 404 to everything
 
     async def another_version(request: web.Request) -> web.Response:
-        return web.json_response({"agent": 99})
-    other = web.Application()
+        return web.json_response({"agent": 99, "proof": agent.proof(SECRET, request.query.get("nonce", ""))})
+
+    async def a_pretender(request: web.Request) -> web.Response:  # answers as an agent, without the secret
+        return web.json_response({"agent": agent.VERSION, "folders": ["checkpoints"], "proof": "0" * 64})
+    other, pretender = web.Application(), web.Application()
     other.router.add_get("/lb/agent", another_version)
-    other_agent = await cluster.serve(other)
+    pretender.router.add_get("/lb/agent", a_pretender)
+    other_agent, posing = await cluster.serve(other), await cluster.serve(pretender)
     for secret, at, found in ((SECRET, port, True), ("another-secret-0123456789", port, False),
-                              (SECRET, no_agent, False), (SECRET, other_agent, False), (SECRET, free_port(), None),
-                              ("", port, None)):
+                              (SECRET, no_agent, False), (SECRET, other_agent, False), (SECRET, posing, False),
+                              (SECRET, free_port(), None), ("", port, None)):
         peer = cluster.peer("x", at)
         assert peer.agent is None
         await Agents(secret).probe(peer)

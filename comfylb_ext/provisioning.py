@@ -94,7 +94,7 @@ class Provisioner:
                 continue
             source, folder, size = found
             copy_s = size / self._rate()
-            wait_s = expected_wait(holders, time.time())
+            wait_s = expected_wait([p for p in holders if p.available], time.time())  # down or disabled: no wait ends
             if wait_s <= copy_s:
                 log.info("prompt %s: waiting for %s (~%.0f s) is quicker than copying %s to %s (~%.0f s)",
                          task.prompt_id, "/".join(p.name for p in holders), wait_s, value, dest.name, copy_s)

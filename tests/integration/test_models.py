@@ -56,7 +56,8 @@ def leftovers(peer: procs.Proc) -> list[str]:
 @pytest.fixture(scope="module")
 def cluster(comfy_env, workdir):
     holder = agent_peer(comfy_env, workdir, "agent_a", {"copy-me.safetensors": model_bytes("copy"),
-                                                        "on-demand.safetensors": model_bytes("demand")})
+                                                        "on-demand.safetensors": model_bytes("demand"),
+                                                        "holder-off.safetensors": model_bytes("off")})
     other = agent_peer(comfy_env, workdir, "agent_b", {})
     lb = None
     try:
@@ -143,6 +144,21 @@ async def test_a_prompt_needing_a_model_only_a_busy_peer_has_is_copied_to_the_id
         finally:
             await post(lb, "/interrupt", {})
             await c.post("/queue", {"clear": True})
+
+
+async def test_a_model_only_a_disabled_peer_has_is_copied_rather_than_waited_for(cluster):
+    """A holder that is disabled (or down) frees no slot however long one waits: with
+    on_demand the model goes to the peer that can run the prompt."""
+    lb, holder, other = cluster
+    want = hashlib.sha256(model_bytes("off")).hexdigest()
+    assert (await post(lb, f"/lb/backends/{holder.name}/disable", None))[0] == 200
+    try:
+        async with Client(lb.url) as c:
+            run = await c.run(probe_prompt("holder-off.safetensors"))
+            assert "execution_success" in run.types() and run.first("executed")["output"]["text"] == [want]
+        assert run.prompt_id in get(other.url + f"/history/{run.prompt_id}")
+    finally:
+        await post(lb, f"/lb/backends/{holder.name}/enable", None)
 
 
 @pytest.mark.parametrize("body, status, says", [

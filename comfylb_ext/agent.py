@@ -45,7 +45,9 @@ PARTIAL_WAIT = 5.0             # seconds a question about a partial file waits f
                                # own requests time out after transfers.SETUP_WITHIN)
 FREE_MARGIN = 1 << 30          # bytes left free on the peer's disk after a copy
 NOT_MODELS = frozenset({"custom_nodes", "configs"})
-_SEGMENT = re.compile(r"[^\x00-\x1f\x7f/\\:*?\"<>|]{1,255}")
+# a name part leaves room for the partial file's name (".<name>.comfylb-partial") within 255 bytes
+_SEGMENT = re.compile(r"[^\x00-\x1f\x7f/\\:*?\"<>|]{1,200}")
+_DIGITS = re.compile(r"[0-9]{1,15}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -77,7 +79,7 @@ def signed(secret: str, method: str, path: str, query: Mapping[str, str], value:
     if not secret or not value or len(value) > 200:
         return False
     ts, _, mac = value.partition(".")
-    if not ts.isdigit() or len(ts) > 12 or abs(int(ts) - (now if now is not None else time.time())) > SKEW:
+    if not _DIGITS.fullmatch(ts) or abs(int(ts) - (now if now is not None else time.time())) > SKEW:
         return False
     good = hmac.new(secret.encode(), _canonical(method, path, query, ts), hashlib.sha256).hexdigest()
     return hmac.compare_digest(good, mac)
@@ -238,6 +240,8 @@ class Agent:
                 return _error(400, str(e))
             except FileNotFoundError as e:
                 return _error(404, str(e))
+            except OSError as e:  # a name the file system refuses, a file where a folder is meant, …
+                return _error(409, f"this peer's file system refused it: {e.strerror or e.__class__.__name__}")
         return guarded
 
     async def hello(self, request: web.Request) -> web.Response:
@@ -256,9 +260,12 @@ class Agent:
                 files: dict[str, dict] = {}
                 for base in bases:
                     for name, path in _walk(base, exts):
+                        try:
+                            size = os.path.getsize(path)
+                        except OSError:  # a symlink to nowhere: ComfyUI could not load it either
+                            continue
                         if name not in files:
-                            files[name] = {"name": name, "size": os.path.getsize(path),
-                                           "sha256": self.hashes.known(path)}
+                            files[name] = {"name": name, "size": size, "sha256": self.hashes.known(path)}
                 out[folder] = [files[k] for k in sorted(files)]
             return out
         return web.json_response({"folders": await asyncio.to_thread(scan)})
@@ -322,6 +329,8 @@ class Agent:
 
     async def _receive_locked(self, request: web.Request, at: Place, size: int, offset: int,
                               digest: str) -> web.Response:
+        if os.path.lexists(at.path) and not os.path.isfile(at.path):
+            return _error(409, f"{at.folder}/{at.name} is taken on this peer by something that is not a file")
         if os.path.isfile(at.path):
             have_digest = await self.hashes.of(at.path)
             if os.path.getsize(at.path) == size and digest in ("", have_digest):
@@ -368,7 +377,7 @@ class Agent:
             _drop(at)
             return _error(400, f"sha256 of what arrived is {got_digest}, not {digest}: dropped")
         digest = got_digest
-        os.replace(at.partial, at.path)
+        await asyncio.to_thread(_settle, at)
         self.hashes.remember(at.path, digest)
         log.info("agent: received %s/%s (%d bytes, sha256 %s)", at.folder, at.name, size, digest[:12])
         return web.json_response({"folder": at.folder, "name": at.name, "size": size, "sha256": digest}, status=201)
@@ -401,6 +410,19 @@ def _drop(at: Place) -> None:
         folder = os.path.dirname(folder)
 
 
+def _settle(at: Place) -> None:
+    """The partial file becomes the model: on disk before it has the model's name (a power
+    cut must not leave a truncated file that ComfyUI lists), then the rename made durable."""
+    with open(at.partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(at.partial, at.path)
+    folder = os.open(os.path.dirname(at.path), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def _write(out: Any, hasher: Any, data: bytes) -> None:
     out.write(data)
     out.flush()
@@ -408,7 +430,7 @@ def _write(out: Any, hasher: Any, data: bytes) -> None:
 
 
 def _int(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() and len(value) <= 15 else None
+    return int(value) if value is not None and _DIGITS.fullmatch(value) else None
 
 
 def _walk(base: str, extensions: Iterable[str]) -> Iterable[tuple[str, str]]:

@@ -182,9 +182,11 @@ class PgStore(Store):
     async def save_input(self, key: tuple[str, str, str], sha256: str, data: bytes) -> None:
         """Acknowledged (the upload answered) only once stored: a leader killed right after
         must not leave a prompt naming a file the next one lacks."""
-        await asyncio.wrap_future(self._future(
+        stored = await asyncio.wrap_future(self._future(
             lambda: self._run("INSERT OR REPLACE INTO inputs VALUES (?,?,?,?,?)", (*key, sha256, data)),
             big=len(data) > BIG_ROW))
+        if not stored:
+            raise StoreError(f"state database {self.path}: {self.problem}")
 
     def fetch_inputs(self, have: Callable[[tuple[str, str, str]], str | None],
                      put: Callable[[tuple[str, str, str], bytes], None]) -> "Future[int]":

@@ -58,6 +58,7 @@ class Forwarder:
         url = target.rstrip("/") + request.rel_url.path_qs
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await _bridge(request, self.session, url, self.sockets)
+        resp: web.StreamResponse | None = None
         try:
             async with self.session.request(request.method, url, headers=_headers(request),
                                             data=request.content if request.body_exists else None,
@@ -73,6 +74,10 @@ class Forwarder:
                 return resp
         except aiohttp.ClientError as e:
             log.warning("the leader at %s did not answer: %s", target, e)
+            if resp is not None and resp.prepared:  # half an answer sent: the client must see it end
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
             return no_leader(request)
 
 

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -72,8 +73,22 @@ class Transfer:
 
 def _shown(url: str) -> str:
     """A URL without credentials or query (a signed download link is a secret)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port out of range, an unclosed [ …: nothing of it is shown
+        return "(a URL that is not usable)"
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(port) if port else ''}{parts.path}"
+
+
+def usable_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises for a port out of range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and len(url) <= 4096 \
+        and not any(ord(c) < 0x21 or c == "\x7f" for c in url)
 
 
 class Agents:
@@ -157,19 +172,23 @@ class Transfers:
             raise CopyRefused(400, str(e)) from None
         if sha256 is not None and (not isinstance(sha256, str) or not agent._SHA256.fullmatch(sha256)):
             raise CopyRefused(400, "sha256 must be 64 lowercase hex digits")
+        if not isinstance(source, str) or not source:
+            raise CopyRefused(400, "from must be a peer name or an http(s) URL")
+        if source.startswith(("http://", "https://")) and not usable_url(source):
+            raise CopyRefused(400, "from: not a usable http(s) URL")
         existing = self.active_to(dest.name, folder, name)
         if existing is not None:
             return existing, False
-        await self._check_destination(dest, folder, name)
-        if not isinstance(source, str) or not source:
-            raise CopyRefused(400, "from must be a peer name or an http(s) URL")
-        if source.startswith(("http://", "https://")):
-            if len(source) > 4096 or not urlsplit(source).hostname:
-                raise CopyRefused(400, "from: not a usable http(s) URL")
-        else:
-            await self._check_source(source, dest, folder, name)
+        # listed before the checks below wait on peers: a second request meanwhile gets this copy
         t = Transfer(dest.name, folder, name, source, sha256, reason=reason)
         self.list.append(t)
+        try:
+            await self._check_destination(dest, folder, name)
+            if not source.startswith(("http://", "https://")):
+                await self._check_source(source, dest, folder, name)
+        except BaseException:
+            self.list.remove(t)
+            raise
         self._trim()
         self.spawn(self._run(t))
         self.changed()
@@ -216,7 +235,10 @@ class Transfers:
                 log.info("copied %s/%s to %s from %s (%d bytes)", t.folder, t.name, t.peer, t.describe()["source"],
                          t.done)
             except Exception as e:  # whatever went wrong, the copy ends failed, with nothing left behind
-                t.state, t.error = "failed", str(e) or e.__class__.__name__
+                said = str(e) or e.__class__.__name__
+                if "://" in t.source:  # an error may spell the URL out, with its secrets
+                    said = re.sub(r"https?://[^\s'\"]+", _shown(t.source), said)
+                t.state, t.error = "failed", said
                 log.warning("copy of %s/%s to %s failed: %s", t.folder, t.name, t.peer, t.error)
                 await self._drop_partial(t)
             finally:

@@ -19,6 +19,7 @@ from ..access import served_file_headers, without_token
 from ..catalog import ANSWER_WITHIN
 from ..dispatcher import Cluster
 from ..peer import Peer, PeerError, checked_path
+from ..store import StoreError
 from ..tasks import RUNNING
 from ..uploads import TYPES, InputStore, UploadError, split_annotation
 from .. import errors
@@ -479,7 +480,10 @@ class ComfyApi:
             f = self.store.save(data, image.filename, sub, typ, overwrite=post.get("overwrite") in ("true", "1"))
         except UploadError as e:
             return bad_request("Invalid upload path", str(e))
-        await self.cluster.db.save_input(f.key, f.sha256, data)
+        try:
+            await self.cluster.db.save_input(f.key, f.sha256, data)
+        except StoreError as e:
+            return upload_not_kept(e)
         return web.json_response({"name": f.filename, "subfolder": sub, "type": typ})
 
     async def upload_mask(self, request: web.Request) -> web.Response:
@@ -516,6 +520,8 @@ class ComfyApi:
             f = self.store.save(composited, image.filename, sub, typ,
                                 overwrite=post.get("overwrite") in ("true", "1"))
             await self.cluster.db.save_input(f.key, f.sha256, composited)
+        except StoreError as e:
+            return upload_not_kept(e)
         except PeerError as e:
             return web.Response(status=502, text=str(e))
         except UploadError as e:
@@ -662,3 +668,11 @@ async def _peer_mask(peer: Peer, data: bytes, filename: str, original_ref: str) 
         raise PeerError(f"mask refused by {peer.name}: HTTP {status}")
     params = {"filename": body["name"], "subfolder": str(body.get("subfolder") or ""), "type": "temp"}
     return await peer.get_bytes("/view?" + urlencode(params), max_size=MAX_UPLOAD_SIZE)
+
+
+def upload_not_kept(e: StoreError) -> web.Response:
+    """An upload the shared database did not take is not acknowledged: the next leader
+    would lack it."""
+    said = errors.error("storage_unavailable", "The upload could not be stored for the cluster; try again shortly.",
+                        str(e))
+    return web.json_response(errors.error_body(said), status=503)

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .. import jsonsafe, replacements
 from ..access import Access, cross_site_refusal, is_loopback_client, listens_beyond_loopback, served_file_headers
-from ..api.comfy import EXTENSION, ComfyApi, Handler, Route
+from ..api.comfy import EXTENSION, ComfyApi, Handler, Route, upload_not_kept
 from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, ServerConfig, load
 from ..dispatcher import Cluster
@@ -211,11 +211,15 @@ def _keeping_uploads(cluster: Cluster, store: InputStore) -> Any:
             return response
         try:
             said = json.loads(response.body)
-            f = store.lookup(str(said.get("type") or "input"), str(said.get("subfolder") or ""), str(said["name"]))
+            key = (str(said.get("type") or "input"), str(said.get("subfolder") or ""), str(said["name"]))
         except (ValueError, KeyError, TypeError, AttributeError):
             return response
+        f = await asyncio.to_thread(store.lookup, *key)  # hashes the file: not on the event loop
         if f is not None:
-            await cluster.db.save_input(f.key, f.sha256, await asyncio.to_thread(store.path_of(f).read_bytes))
+            try:
+                await cluster.db.save_input(f.key, f.sha256, await asyncio.to_thread(store.path_of(f).read_bytes))
+            except StoreError as e:
+                return upload_not_kept(e)
         return response
     return keep_uploads
 
@@ -225,9 +229,10 @@ class StandBy:
     /ws, /lb/*) on to it; the web UI's files, settings and user data stay this ComfyUI's.
     `leading` turns true once this one has taken over and its cluster has started."""
 
-    def __init__(self, lead: Leadership, table: list[tuple[str, re.Pattern, Intercept]]) -> None:
+    def __init__(self, lead: Leadership, table: list[tuple[str, re.Pattern, Intercept]], access: Access) -> None:
         self.forwarder = Forwarder(lead.leader)
         self.table = table
+        self.access = access
         self.leading = False
 
     @web.middleware
@@ -238,9 +243,17 @@ class StandBy:
         if path == "/lb/ready":
             there = await self.forwarder.leader()
             return web.json_response({"ready": there is not None, "role": "standby"}, status=200 if there else 503)
-        if path == "/ws" or path.startswith("/lb/") or path in UPLOADS or match(self.table, request.method, request.path) is not None:
-            return await self.forwarder.forward(request)
-        return await handler(request)
+        if path.startswith("/lb/"):
+            # judged here as the leader would judge it: to the leader the request comes from
+            # this machine, which would make "this machine only" everyone's
+            refused = (None if path in ("/lb/state", "/lb/session") and self.access.origin_ok(request)
+                       else self.access.lb_refusal(request))
+        elif path == "/ws" or path in UPLOADS or match(self.table, request.method, request.path) is not None:
+            refused = None if self.access.origin_ok(request, api=True) else cross_site_refusal(request.path)
+        else:
+            return await handler(request)  # this ComfyUI's own: its web UI, settings, user data
+        request["comfylb_forwarded"] = True  # the leader's answer: it keeps the leader's instance id
+        return refused or await self.forwarder.forward(request)
 
 
 def detached(server: Any, reason: str, path: str) -> None:
@@ -488,7 +501,13 @@ def _run_with_comfyui(server: Any, cfg: Config, cluster: Cluster, workers: Worke
         log.info("ComfyLB: standing by: another coordinator leads the cluster in %s; this ComfyUI passes "
                  "prompts and its clients on to it, and takes over if it goes", lead.shown)
         await lead.wait_to_lead()
-        await lead_now()
+        try:
+            await lead_now()
+        except Exception:  # noqa: BLE001 - whatever failed, holding the lock would stop the whole cluster
+            log.exception("ComfyLB: taking over the cluster failed; this ComfyUI lets go of it so that another "
+                          "coordinator can lead (restart ComfyUI to stand by again)")
+            lead.close()
+            return
         standby.leading = True
         await standby.forwarder.close()  # its clients reconnect: to this ComfyUI, which leads now
 
@@ -536,7 +555,7 @@ def attach(server: Any, cfg: Config, lead: Leadership | None = None) -> Cluster:
                        api_origins=frozenset({cors.strip().lower().rstrip("/")}) if cors else frozenset(),
                        cookie_paths=("/lb", "/api/lb"))
     log.info("ComfyLB: %s", access.describe(api=False))
-    standby = StandBy(lead, table) if lead is not None and not lead.leading else None
+    standby = StandBy(lead, table, access) if lead is not None and not lead.leading else None
     if standby is not None:
         server.app.middlewares.append(standby.middleware)  # before ComfyLB's own: the leader answers instead
     server.app.middlewares.append(_middleware(table, access, secret))
@@ -544,7 +563,8 @@ def attach(server: Any, cfg: Config, lead: Leadership | None = None) -> Cluster:
         server.app.middlewares.append(_keeping_uploads(cluster, store))
 
     async def sign(request: web.Request, response: web.StreamResponse) -> None:
-        if request.headers.get(BYPASS) != secret:  # the `local` peer is this ComfyUI on purpose
+        if request.headers.get(BYPASS) != secret and not request.get("comfylb_forwarded"):
+            # the `local` peer is this ComfyUI on purpose; a stand-by's answers are the leader's
             response.headers[INSTANCE_HEADER] = cluster.instance_id  # a configured peer that is us is refused
     server.app.on_response_prepare.append(sign)
     workers = _workers(cfg)

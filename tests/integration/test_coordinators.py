@@ -17,6 +17,7 @@ import pytest
 from tests import procs
 from tests.client import Client, sleep_prompt
 from tests.conftest import peer_backend
+from tests.unit.test_access import outward_address
 
 pytestmark = pytest.mark.real
 
@@ -196,8 +197,11 @@ async def test_inside_comfyui_a_second_coordinator_stands_by_and_takes_over(comf
 
     url = postgres.database("inside")
     config = {"health_check": {"interval": 1.0, "timeout": 2.0}, "backends": [peer_backend(peers[0], max_queue=1)]}
-    first = coordinator(comfy_env, workdir, "pg_first", {**config, "storage": {"dir": "pg_first-data", "url": url}})
-    second = coordinator(comfy_env, workdir, "pg_second", {**config, "storage": {"dir": "pg_second-data", "url": url}})
+    # beyond loopback without a token: /lb/* answers this machine only, through a stand-by too
+    first = coordinator(comfy_env, workdir, "pg_first", {**config, "storage": {"dir": "pg_first-data", "url": url}},
+                        extra_args=["--listen", "0.0.0.0"])
+    second = coordinator(comfy_env, workdir, "pg_second", {**config, "storage": {"dir": "pg_second-data", "url": url}},
+                         extra_args=["--listen", "0.0.0.0"])
     try:
         await asyncio.gather(asyncio.to_thread(first.wait_ready, "/system_stats", 180),
                              asyncio.to_thread(second.wait_ready, "/system_stats", 180))
@@ -206,6 +210,15 @@ async def test_inside_comfyui_a_second_coordinator_stands_by_and_takes_over(comf
         assert sorted(led.values()) == ["leader", "standby"], led
         leader, other = (first, second) if led[first.name] == "leader" else (second, first)
         procs.wait_backends(other, {peers[0].name})  # answered by the leader, through the stand-by
+        outward = outward_address()
+        async with aiohttp.ClientSession() as s:
+            if outward is not None:  # to the leader the stand-by is this machine: it judges for itself
+                async with s.get(f"http://{outward}:{other.port}/lb/backends") as r:
+                    assert r.status == 403 and "auth.token" in (await r.json())["error"]
+            # the stand-by's answers are the leader's: listed as a peer, it is refused as the leader itself
+            async with s.post(leader.url + "/lb/backends", json={"name": "standby", "host": "127.0.0.1",
+                                                                 "port": other.port}) as r:
+                assert r.status == 400 and "itself" in (await r.json())["error"]
         async with Client(other.url) as c:
             run = await c.run(sleep_prompt(0.1, "inside"))
             assert "execution_success" in run.types()

@@ -158,6 +158,7 @@ MISSIGNED = {
     "other query": {"query": {"folder": "checkpoints", "name": "other.safetensors"}},
     "other method": {"method": "DELETE"},
     "other path": {"path": "/lb/agent/file/data"},
+    "not ASCII digits": {"header": "\u00b2" * 10 + ".x"},   # str.isdigit() takes these; int() does not
 }
 
 
@@ -363,6 +364,7 @@ async def test_dropping_a_partial_removes_it(served):
     ("checkpoints", "x.safetensors "),
     ("checkpoints", ""),
     ("checkpoints", "a/b/c/d/e/f/g/h/i.safetensors"),  # too many folders
+    ("checkpoints", "x" * 240 + ".safetensors"),       # its partial file's name would pass 255 bytes
     ("checkpoints", "evil.py"),                         # an extension the folder does not hold
     ("checkpoints", f"x.safetensors{PARTIAL}"),
     ("classifiers", "model.safetensors"),               # extensionless only
@@ -393,6 +395,25 @@ async def test_a_symlink_out_of_the_folder_is_refused(served):
     assert os.listdir(outside) == [] and os.listdir(served.ckpt) == ["link"]
     # a name inside the folder is still taken
     assert (await served.put("checkpoints", "x.safetensors", data, len(data), sha(data)))[0] == 201
+
+
+async def test_names_the_file_system_refuses_are_a_clear_4xx(served):
+    """A file where a folder is meant, a folder where the file would go: the file system
+    says no, and the sender hears why — never a 500."""
+    data = model_bytes("f", 1000)
+    (served.ckpt / "x.safetensors").write_bytes(b"a file")
+    (served.ckpt / "dir.safetensors").mkdir()
+    for name in ("x.safetensors/y.safetensors", "dir.safetensors"):
+        status, answer = await served.put("checkpoints", name, data, len(data), sha(data))
+        assert 400 <= status < 500 and answer["error"], (name, status, answer)
+    assert sorted(os.listdir(served.ckpt)) == ["dir.safetensors", "x.safetensors"]
+
+
+async def test_a_symlink_to_nowhere_is_left_out_of_the_listing(served):
+    os.symlink(served.root / "gone.safetensors", served.ckpt / "dangling.safetensors")
+    (served.ckpt / "real.safetensors").write_bytes(b"model")
+    status, listing = await served.call("GET", "/lb/agent/models")
+    assert status == 200 and [f["name"] for f in listing["folders"]["checkpoints"]] == ["real.safetensors"]
 
 
 # -- partial files nobody resumed -----------------------------------------------------------

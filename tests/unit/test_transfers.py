@@ -277,6 +277,9 @@ async def test_a_copy_that_keeps_breaking_off_fails_and_leaves_nothing(cluster):
     ("b", CKPT, "evil.py", "a", 400, ".py"),
     ("b", CKPT, "m.safetensors", "x", 409, "no ComfyLB agent"),        # a source without agent
     ("x", CKPT, "m.safetensors", "a", 409, "no ComfyLB agent"),        # a destination without agent
+    ("b", CKPT, "m.safetensors", "http://h:99999/m", 400, "not a usable"),  # a port out of range
+    ("b", CKPT, "m.safetensors", "http://[fe80::1/m", 400, "not a usable"),
+    ("b", CKPT, "m.safetensors", "http://h/a b", 400, "not a usable"),
 ])
 async def test_copies_that_cannot_be_made_are_refused_at_once(cluster, dest, folder, name, source, status, says):
     (cluster.dirs["a"] / "m.safetensors").write_bytes(b"model")
@@ -286,6 +289,29 @@ async def test_copies_that_cannot_be_made_are_refused_at_once(cluster, dest, fol
         await transfers.start(cluster.peers[dest], folder, name, source)
     assert refused.value.status == status and says in str(refused.value)
     assert transfers.list == [] and cluster.spawned == [] and cluster.files("b") == {}
+
+
+async def test_a_failed_url_copy_does_not_spell_out_the_url(cluster):
+    """A signed download link is a secret: neither the copy's error nor its source shows it."""
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(str(request.url))  # aiohttp's error for this names the whole URL
+    app = web.Application()
+    app.router.add_get("/{x}", loop)
+    port = await cluster.serve(app)
+    transfers = cluster.transfers()
+    t, _ = await transfers.start(cluster.peers["b"], CKPT, "r.safetensors",
+                                 f"http://127.0.0.1:{port}/r.safetensors?token=SECRET123")
+    await cluster.settle()
+    assert t.state == "failed" and t.error and "SECRET123" not in str(t.describe())
+
+
+async def test_two_requests_for_one_copy_at_the_same_moment_make_one_copy(cluster):
+    (cluster.dirs["a"] / "m.safetensors").write_bytes(model_bytes("m"))
+    transfers = cluster.transfers()
+    got = await asyncio.gather(*(transfers.start(cluster.peers["b"], CKPT, "m.safetensors", "a") for _ in range(3)))
+    assert sorted(new for _, new in got) == [False, False, True] and len({t.id for t, _ in got}) == 1
+    await cluster.settle()
+    assert [t.state for t in transfers.list] == ["done"] and cluster.files("b") == {"m.safetensors": model_bytes("m")}
 
 
 async def test_no_secret_no_copies(cluster):

@@ -181,3 +181,20 @@ async def test_uploads_kept_in_postgresql_reach_the_next_leaders_folder(url, tmp
         assert new.path_of(new.lookup("input", "sub", name)).read_bytes() == data
     assert await asyncio.wrap_future(second.fetch_inputs(new.digest_of, new.put)) == 0  # nothing lacking now
     second.close()
+
+
+async def test_an_upload_the_database_did_not_take_is_not_acknowledged(url):
+    """The server drops the store's session: keeping an upload raises, so the upload is
+    answered 503 rather than 200 and then missing after a takeover."""
+    from comfylb_ext.pgstore import connect
+
+    store = PgStore(url)
+    try:
+        await store.save_input(("input", "", "kept.png"), "0" * 64, b"kept")
+        with connect(url) as other:
+            other.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        with pytest.raises(StoreError):
+            await store.save_input(("input", "", "lost.png"), "1" * 64, b"lost")
+    finally:
+        store.close()

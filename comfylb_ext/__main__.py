@@ -84,6 +84,7 @@ async def _stand_by(cfg: Config, lead: Leadership, stop: asyncio.Event) -> web.A
     close once the leader's is listening) or stops (None)."""
     from .proxy import standby_app
 
+    lead.listen()
     runner = await _listen(standby_app(lead.leader), cfg)
     log.info("ComfyLB standing by on http://%s:%d: another coordinator leads; clients are passed on to it",
              cfg.server.host, cfg.server.port)

@@ -21,13 +21,16 @@ import threading
 import time
 from typing import Any, Callable
 
-from .pgstore import connect, redacted
+from .pgstore import SCHEMA_LOCK, connect, redacted
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x436F6D66794C42  # "ComfyLB"
 LEASE = 10                   # seconds after which a vanished leader's session is dropped
 CHECK_EVERY = 2.0            # seconds between a leader's checks that it still holds its session
+CHANNEL = "comfylb_leader"   # a new leader's address, told to every stand-by by NOTIFY
+FRESH = 1.0                  # seconds a looked-up address is used without looking again
+TOLD_FRESH = 30.0            # … while NOTIFY would tell of a change (a stand-by's listener runs)
 
 
 class Leadership:
@@ -39,6 +42,8 @@ class Leadership:
         self._holder = self._connect()  # holds the lock while leading; waits for it while not
         self._db = self._connect()      # everything else (the leader's address)
         self._seen: tuple[float, str | None] = (0.0, None)
+        self._listening = False
+        self.heard = threading.Event()  # a new leader was announced (set by the listener)
 
     def _connect(self) -> Any:
         db = connect(self.url)
@@ -62,18 +67,43 @@ class Leadership:
 
     def _announce(self) -> None:
         self._seen = (0.0, None)
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        with self._db.transaction():  # the store may be making the schema right now: one at a time
+            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._db.execute("INSERT INTO meta VALUES ('leader', %s) ON CONFLICT (key) DO UPDATE SET value = "
                          "EXCLUDED.value", (json.dumps({"url": self.me, "since": time.time()}),))
+        self._db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.me))  # stand-bys pass clients on at once
         log.info("this coordinator leads the cluster (state in %s)", self.shown)
 
     async def leader(self) -> str | None:
         """The leading coordinator's URL, as it announced it.  Asked on every request a
         stand-by passes on: looked up in the database (in a thread) at most once a second."""
         at, url = self._seen
-        if time.monotonic() - at < 1.0:
+        if time.monotonic() - at < (TOLD_FRESH if self._listening else FRESH):
             return url
         return await asyncio.to_thread(self._look_up)
+
+    def listen(self) -> None:
+        """While standing by: a new leader's address arrives by NOTIFY the moment it leads,
+        instead of at the next look-up."""
+        if self._listening:
+            return
+        conn = connect(self.url)
+        conn.execute(f"LISTEN {CHANNEL}")
+        self._listening = True
+
+        def run() -> None:
+            try:
+                while self._listening:
+                    for note in conn.notifies(timeout=1.0):
+                        self._seen = (time.monotonic(), note.payload if note.payload != self.me else None)
+                        self.heard.set()
+            except Exception as e:  # noqa: BLE001 - the server went away: look the leader up again
+                log.info("no longer told of new leaders (%s); looking them up instead", e)
+            finally:
+                self._listening = False
+                conn.close()
+        threading.Thread(target=run, name="comfylb-leader-listener", daemon=True).start()
 
     def _look_up(self) -> str | None:
         try:
@@ -103,6 +133,7 @@ class Leadership:
 
     def close(self) -> None:
         self.leading = False
+        self._listening = False
         try:
             self._holder.cancel()  # a wait for the lock, in its thread, ends now
         except Exception:  # noqa: BLE001 - nothing was running

@@ -25,6 +25,7 @@ from .store import BIG_ROW, Snapshot, StateStore, Store, StoreError, write_all
 
 log = logging.getLogger(__name__)
 
+SCHEMA_LOCK = 0x436F6D66794C43  # held while the schema is made (LOCK_KEY in leadership.py + 1)
 SCHEMA_VERSION = 2  # 2: inputs (uploads), so any coordinator that takes the lead has them
 
 SCHEMA = """
@@ -133,17 +134,22 @@ class PgStore(Store):
         return db
 
     def _prepare(self, db: Any, path: str) -> None:
-        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row and str(row[0]).isdigit() else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"state database {path} has schema version {version}, newer than this ComfyLB "
-                             f"knows ({SCHEMA_VERSION}): upgrade ComfyLB, or point storage.url at another database")
-        db.execute(SCHEMA)
-        if version < SCHEMA_VERSION:
-            db.execute("INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value = "
-                       "EXCLUDED.value", (str(SCHEMA_VERSION),))
-            log.info("state database %s: schema version %d created", path, SCHEMA_VERSION)
+        # coordinators started together would create the same tables at once, and one of
+        # them fail on PostgreSQL's catalog: one at a time
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row and str(row[0]).isdigit() else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"state database {path} has schema version {version}, newer than this ComfyLB "
+                                 f"knows ({SCHEMA_VERSION}): upgrade ComfyLB, or point storage.url at another "
+                                 "database")
+            db.execute(SCHEMA)
+            if version < SCHEMA_VERSION:
+                db.execute("INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value = "
+                           "EXCLUDED.value", (str(SCHEMA_VERSION),))
+                log.info("state database %s: schema version %d created", path, SCHEMA_VERSION)
 
     def _sql(self, sql: str) -> str:
         return dialect(sql)

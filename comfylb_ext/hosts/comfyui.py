@@ -498,6 +498,7 @@ def _run_with_comfyui(server: Any, cfg: Config, cluster: Cluster, workers: Worke
     async def take_over(standby: StandBy) -> None:
         assert lead is not None
         await standby.forwarder.start()
+        lead.listen()
         log.info("ComfyLB: standing by: another coordinator leads the cluster in %s; this ComfyUI passes "
                  "prompts and its clients on to it, and takes over if it goes", lead.shown)
         await lead.wait_to_lead()

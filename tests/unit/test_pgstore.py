@@ -136,6 +136,26 @@ async def test_one_coordinator_leads_and_the_next_takes_over_when_it_goes(url):
         second.close()
 
 
+async def test_stand_bys_are_told_of_a_new_leader_at_once(url):
+    """A stand-by that looked the leader up a moment ago hears of the next one by NOTIFY,
+    not when its look-up grows stale."""
+    from comfylb_ext.leadership import Leadership
+
+    first, second, standing = (Leadership(url, u) for u in ("http://a:1", "http://b:2", "http://c:3"))
+    try:
+        assert first.try_lead() and not second.try_lead()
+        standing.listen()
+        assert await standing.leader() == "http://a:1"  # looked up: kept for a while
+        waiting = asyncio.ensure_future(second.wait_to_lead())
+        first.close()
+        await asyncio.wait_for(waiting, 10)
+        assert await asyncio.to_thread(standing.heard.wait, 10)
+        assert await standing.leader() == "http://b:2"
+    finally:
+        for one in (first, second, standing):
+            one.close()
+
+
 def test_the_password_never_reaches_a_log_line():
     assert redacted("postgresql://u:pw@h:5432/d") == "postgresql://u@h:5432/d"
     assert redacted("postgresql://h/d") == "postgresql://h/d"
@@ -198,3 +218,19 @@ async def test_an_upload_the_database_did_not_take_is_not_acknowledged(url):
             await store.save_input(("input", "", "lost.png"), "1" * 64, b"lost")
     finally:
         store.close()
+
+
+def test_coordinators_started_together_all_open_the_new_database(url):
+    """Several coordinators starting at once each make the schema: one at a time, so none
+    fails on PostgreSQL's catalog (a ComfyUI coordinator did, and ran detached)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from comfylb_ext.leadership import Leadership
+
+    def open_one(i: int):
+        return PgStore(url) if i % 2 else Leadership(url, f"http://c:{i}")
+    with ThreadPoolExecutor(8) as pool:
+        opened = list(pool.map(open_one, range(8)))  # raises if any could not
+    assert len(opened) == 8
+    for one in opened:
+        one.close()

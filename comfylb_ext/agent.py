@@ -30,6 +30,8 @@ import aiohttp
 import aiohttp.http_exceptions
 from aiohttp import web
 
+from .access import matches
+
 log = logging.getLogger(__name__)
 
 HEADER = "X-ComfyLB-Agent"
@@ -82,7 +84,7 @@ def signed(secret: str, method: str, path: str, query: Mapping[str, str], value:
     if not _DIGITS.fullmatch(ts) or abs(int(ts) - (now if now is not None else time.time())) > SKEW:
         return False
     good = hmac.new(secret.encode(), _canonical(method, path, query, ts), hashlib.sha256).hexdigest()
-    return hmac.compare_digest(good, mac)
+    return matches(mac, good)  # never raises, whatever the header holds
 
 
 def proof(secret: str, nonce: str) -> str:

@@ -275,12 +275,14 @@ class Peer:
     def _url(self, path: str) -> URL:
         return URL(self.url + checked_path(path))
 
-    async def request(self, method: str, path: str, *, timeout: float | None = None, max_size: int = MAX_BODY,
-                      headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, Any]:
+    async def request(self, method: str, path: str, *, timeout: float | aiohttp.ClientTimeout | None = None,
+                      max_size: int = MAX_BODY, headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, Any]:
         """One HTTP call; returns (status, parsed JSON or text).  PeerError when unreachable,
         or when it answers more than `max_size` bytes, or JSON nested too deep, holding too
-        many values or NaN (jsonsafe's peer limits)."""
-        t = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
+        many values or NaN (jsonsafe's peer limits).  `timeout`: seconds for the whole call,
+        or an aiohttp timeout (a body streamed for minutes)."""
+        t = timeout if isinstance(timeout, aiohttp.ClientTimeout) else \
+            aiohttp.ClientTimeout(total=timeout or self.request_timeout)
         try:
             async with self.session.request(method, self._url(path), timeout=t,
                                             headers={**(headers or {}), **self.headers}, **kw) as r:
@@ -293,7 +295,7 @@ class Peer:
                         log.warning("peer %s: %s %s: unusable JSON: %s", self.name, method, path, e)
                 return r.status, body.decode("utf-8", "replace")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            raise PeerError(f"{method} {path}: {unreachable(e, self.url, timeout or self.request_timeout)}") from e
+            raise PeerError(f"{method} {path}: {unreachable(e, self.url, t.total or t.sock_read)}") from e
 
     async def get_json(self, path: str, timeout: float | None = None, max_size: int = MAX_BODY) -> Any:
         status, body = await self.request("GET", path, timeout=timeout, max_size=max_size)

@@ -8,8 +8,6 @@ with auth.agent_secret) when its link comes up: no per-peer setting.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import re
 import secrets
@@ -22,6 +20,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 
 from . import agent
+from .access import matches
 from .peer import SMALL_BODY, Peer, PeerError
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,8 @@ STREAM = 1 << 20       # bytes read from the source at once
 SETUP_WITHIN = 15.0    # seconds for the small requests around a copy
 HASH_WITHIN = 3600.0   # seconds a source may take to hash a file (a 20 GB one takes minutes)
 ACTIVE = ("queued", "preparing", "copying")
+# a body streamed for minutes: no limit on the whole, only on connecting and on silence
+STREAMING = aiohttp.ClientTimeout(total=None, sock_connect=SETUP_WITHIN, sock_read=60)
 
 
 class CopyRefused(ValueError):
@@ -64,8 +65,12 @@ class Transfer:
     def active(self) -> bool:
         return self.state in ACTIVE
 
+    @property
+    def from_url(self) -> bool:
+        return is_url(self.source)
+
     def describe(self) -> dict:
-        source = self.source if not self.source.startswith(("http://", "https://")) else _shown(self.source)
+        source = _shown(self.source) if self.from_url else self.source
         return {"id": self.id, "peer": self.peer, "folder": self.folder, "name": self.name, "source": source,
                 "state": self.state, "done": self.done, "total": self.total, "sha256": self.sha256,
                 "error": self.error, "started": self.started, "ended": self.ended, "reason": self.reason}
@@ -79,6 +84,11 @@ def _shown(url: str) -> str:
     except ValueError:  # a port out of range, an unclosed [ …: nothing of it is shown
         return "(a URL that is not usable)"
     return f"{parts.scheme}://{parts.hostname or ''}{':' + str(port) if port else ''}{parts.path}"
+
+
+def is_url(source: str) -> bool:
+    """A copy's `from` names a URL, not a peer."""
+    return source.startswith(("http://", "https://"))
 
 
 def usable_url(url: str) -> bool:
@@ -119,7 +129,7 @@ class Agents:
         except PeerError as e:
             log.debug("peer %s: no answer about an agent: %s", peer.name, e)
             return
-        proven = isinstance(body, dict) and isinstance(body.get("proof"), str) and hmac.compare_digest(
+        proven = isinstance(body, dict) and isinstance(body.get("proof"), str) and matches(
             body["proof"], agent.proof(self.secret, nonce))
         was, peer.agent = peer.agent, status == 200 and proven and body.get("agent") == agent.VERSION
         if status == 200 and not proven:
@@ -174,7 +184,7 @@ class Transfers:
             raise CopyRefused(400, "sha256 must be 64 lowercase hex digits")
         if not isinstance(source, str) or not source:
             raise CopyRefused(400, "from must be a peer name or an http(s) URL")
-        if source.startswith(("http://", "https://")) and not usable_url(source):
+        if is_url(source) and not usable_url(source):
             raise CopyRefused(400, "from: not a usable http(s) URL")
         existing = self.active_to(dest.name, folder, name)
         if existing is not None:
@@ -184,7 +194,7 @@ class Transfers:
         self.list.append(t)
         try:
             await self._check_destination(dest, folder, name)
-            if not source.startswith(("http://", "https://")):
+            if not is_url(source):
                 await self._check_source(source, dest, folder, name)
         except BaseException:
             self.list.remove(t)
@@ -236,7 +246,7 @@ class Transfers:
                          t.done)
             except Exception as e:  # whatever went wrong, the copy ends failed, with nothing left behind
                 said = str(e) or e.__class__.__name__
-                if "://" in t.source:  # an error may spell the URL out, with its secrets
+                if t.from_url:  # an error may spell the URL out, with its secrets
                     said = re.sub(r"https?://[^\s'\"]+", _shown(t.source), said)
                 t.state, t.error = "failed", said
                 log.warning("copy of %s/%s to %s failed: %s", t.folder, t.name, t.peer, t.error)
@@ -249,7 +259,7 @@ class Transfers:
         dest = self._peer(t.peer)
         t.state = "preparing"
         self.changed()
-        if not t.source.startswith(("http://", "https://")):
+        if not t.from_url:
             status, info = await self.agents.call(self._peer(t.source), "GET", "/lb/agent/file",
                                                   {"folder": t.folder, "name": t.name}, timeout=HASH_WITHIN)
             if status != 200 or not isinstance(info, dict) or not isinstance(info.get("size"), int):
@@ -300,26 +310,17 @@ class Transfers:
             if t.sha256:
                 query["sha256"] = t.sha256
             t.done = offset
-            answer = await dest.open_stream("PUT", self.agents.target("/lb/agent/file", query),
-                                            data=self._counted(t, source),
-                                            headers={**self.agents.headers("PUT", "/lb/agent/file", query),
-                                                     "Content-Type": "application/octet-stream"})
-            try:
-                raw = await answer.content.read(SMALL_BODY)
-                try:
-                    return answer.status, json.loads(raw)
-                except ValueError:
-                    return answer.status, {"error": raw[:300].decode("utf-8", "replace")}
-            finally:
-                answer.release()
+            return await dest.request("PUT", self.agents.target("/lb/agent/file", query), timeout=STREAMING,
+                                      max_size=SMALL_BODY, data=self._counted(t, source),
+                                      headers={**self.agents.headers("PUT", "/lb/agent/file", query),
+                                               "Content-Type": "application/octet-stream"})
         finally:
             source.release()
 
     async def _open_source(self, t: Transfer, session: aiohttp.ClientSession, offset: int) -> aiohttp.ClientResponse:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=SETUP_WITHIN, sock_read=60)
-        if t.source.startswith(("http://", "https://")):
-            r = await session.get(t.source, headers=headers, timeout=timeout)
+        if t.from_url:
+            r = await session.get(t.source, headers=headers, timeout=STREAMING)
         else:
             source, query = self._peer(t.source), {"folder": t.folder, "name": t.name}
             r = await source.open_stream("GET", self.agents.target("/lb/agent/file/data", query),

@@ -159,6 +159,7 @@ MISSIGNED = {
     "other method": {"method": "DELETE"},
     "other path": {"path": "/lb/agent/file/data"},
     "not ASCII digits": {"header": "\u00b2" * 10 + ".x"},   # str.isdigit() takes these; int() does not
+    "not ASCII MAC": {"header": f"{int(time.time())}.{'é' * 64}"},  # hmac.compare_digest raises on these
 }
 
 

@@ -177,15 +177,19 @@ async def test_probe_finds_an_agent_only_with_the_right_secret(cluster):
     async def another_version(request: web.Request) -> web.Response:
         return web.json_response({"agent": 99, "proof": agent.proof(SECRET, request.query.get("nonce", ""))})
 
-    async def a_pretender(request: web.Request) -> web.Response:  # answers as an agent, without the secret
-        return web.json_response({"agent": agent.VERSION, "folders": ["checkpoints"], "proof": "0" * 64})
-    other, pretender = web.Application(), web.Application()
+    def pretender(proof: str) -> web.Application:  # answers as an agent, without the secret
+        async def hello(request: web.Request) -> web.Response:
+            return web.json_response({"agent": agent.VERSION, "folders": ["checkpoints"], "proof": proof})
+        app = web.Application()
+        app.router.add_get("/lb/agent", hello)
+        return app
+    other = web.Application()
     other.router.add_get("/lb/agent", another_version)
-    pretender.router.add_get("/lb/agent", a_pretender)
-    other_agent, posing = await cluster.serve(other), await cluster.serve(pretender)
+    other_agent = await cluster.serve(other)
+    posing, posing_oddly = await cluster.serve(pretender("0" * 64)), await cluster.serve(pretender("é" * 64))
     for secret, at, found in ((SECRET, port, True), ("another-secret-0123456789", port, False),
                               (SECRET, no_agent, False), (SECRET, other_agent, False), (SECRET, posing, False),
-                              (SECRET, free_port(), None), ("", port, None)):
+                              (SECRET, posing_oddly, False), (SECRET, free_port(), None), ("", port, None)):
         peer = cluster.peer("x", at)
         assert peer.agent is None
         await Agents(secret).probe(peer)

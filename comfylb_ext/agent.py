@@ -246,6 +246,9 @@ class Agent:
                 return _error(409, f"this peer's file system refused it: {e.strerror or e.__class__.__name__}")
         return guarded
 
+    def _place(self, request: web.Request, existing: bool) -> Place:
+        return place(self.folders(), request.query.get("folder"), request.query.get("name"), existing)
+
     async def hello(self, request: web.Request) -> web.Response:
         """?nonce=N: the agent proves it holds the secret too, so a peer cannot pose as an
         agent to be sent copies of models."""
@@ -273,17 +276,17 @@ class Agent:
         return web.json_response({"folders": await asyncio.to_thread(scan)})
 
     async def file_info(self, request: web.Request) -> web.Response:
-        at = place(self.folders(), request.query.get("folder"), request.query.get("name"), existing=True)
+        at = self._place(request, existing=True)
         digest = await self.hashes.of(at.path) if request.query.get("hash", "1") != "0" else self.hashes.known(at.path)
         return web.json_response({"folder": at.folder, "name": at.name, "size": os.path.getsize(at.path),
                                   "sha256": digest})
 
     async def file_data(self, request: web.Request) -> web.StreamResponse:
-        at = place(self.folders(), request.query.get("folder"), request.query.get("name"), existing=True)
+        at = self._place(request, existing=True)
         return web.FileResponse(at.path, headers={"Content-Type": "application/octet-stream"})  # Range: resumable
 
     async def partial_info(self, request: web.Request) -> web.Response:
-        at = place(self.folders(), request.query.get("folder"), request.query.get("name"), existing=False)
+        at = self._place(request, existing=False)
         lock = self._receiving.get(at.path)
         if lock is not None and lock.locked():  # a broken-off copy's handler may not have written all it
             # read yet: its sender, asking where to resume, would hear too little and lose an attempt (409)
@@ -296,7 +299,7 @@ class Agent:
         return web.json_response({"have": have, "exists": os.path.isfile(at.path)})
 
     async def partial_drop(self, request: web.Request) -> web.Response:
-        at = place(self.folders(), request.query.get("folder"), request.query.get("name"), existing=False)
+        at = self._place(request, existing=False)
         lock = self._receiving.get(at.path)
         if lock is not None and lock.locked():
             self._drop_after.add(at.path)
@@ -310,7 +313,7 @@ class Agent:
         sha256 and is in place; 409 with `have` when the offset is not where the partial
         file ends; 400 when the body ended early (the partial file stays, to resume)."""
         q = request.query
-        at = place(self.folders(), q.get("folder"), q.get("name"), existing=False)
+        at = self._place(request, existing=False)
         size, offset, digest = _int(q.get("size")), _int(q.get("offset", "0")), q.get("sha256", "")
         if size is None or not 0 < size <= MAX_MODEL or offset is None or not 0 <= offset <= size:
             return _error(400, f"size must be 1..{MAX_MODEL} bytes and offset 0..size")

@@ -651,8 +651,13 @@ FORWARDED = ("/users", "/settings", "/userdata", "/v2/userdata", "/internal", "/
 _FORWARD_HEADERS = ("Content-Type", "Comfy-User", "Accept", "Range")
 
 
+def unprefixed(path: str) -> str:
+    """ComfyUI serves each route as /x and /api/x alike: the /x."""
+    return path[4:] if path.startswith("/api/") else path
+
+
 def forwarded(path: str) -> bool:
-    path = path[4:] if path.startswith("/api/") else path
+    path = unprefixed(path)
     return any(path == p or path.startswith(p + "/") for p in FORWARDED)
 
 

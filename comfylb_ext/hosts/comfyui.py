@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .. import jsonsafe, replacements
 from ..access import Access, cross_site_refusal, is_loopback_client, listens_beyond_loopback, served_file_headers
-from ..api.comfy import EXTENSION, ComfyApi, Handler, Route, upload_not_kept
+from ..api.comfy import EXTENSION, ComfyApi, Handler, Route, unprefixed, upload_not_kept
 from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, ServerConfig, load
 from ..dispatcher import Cluster
@@ -205,7 +205,7 @@ def _keeping_uploads(cluster: Cluster, store: InputStore) -> Any:
     @web.middleware
     async def keep_uploads(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
-        path = request.path[4:] if request.path.startswith("/api/") else request.path
+        path = unprefixed(request.path)
         if request.method != "POST" or path not in UPLOADS or response.status != 200 \
                 or not isinstance(response, web.Response) or not isinstance(response.body, bytes):
             return response
@@ -239,7 +239,7 @@ class StandBy:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.leading:
             return await handler(request)
-        path = request.path[4:] if request.path.startswith("/api/") else request.path
+        path = unprefixed(request.path)
         if path == "/lb/ready":
             there = await self.forwarder.leader()
             return web.json_response({"ready": there is not None, "role": "standby"}, status=200 if there else 503)
@@ -438,7 +438,7 @@ def intercepts(routes: list[Route], overrides: dict[tuple[str, str], Intercept]
 def match(table: list[tuple[str, re.Pattern, Intercept]], method: str, path: str
           ) -> tuple[Intercept, dict[str, str]] | None:
     """The intercept answering a request, with its path parameters; None: ComfyUI's own."""
-    path = path[4:] if path.startswith("/api/") else path
+    path = unprefixed(path)
     for m, pattern, intercept in table:
         if m == method:
             found = pattern.match(path)

@@ -36,7 +36,7 @@ STATE_CHANGING = [
     ("POST", "/lb/backends"), ("DELETE", "/lb/backends/sim0"), ("POST", "/lb/backends/sim0/disable"),
     ("DELETE", "/lb/tasks/x"), ("POST", "/lb/health-check"), ("POST", "/lb/scheduler/strategy/round_robin"),
     ("POST", "/lb/session"), ("DELETE", "/lb/session"), ("POST", "/lb/subscribe"), ("PUT", "/prompt"),
-    ("PATCH", "/lb/backends/sim0"),
+    ("PATCH", "/lb/backends/sim0"), ("POST", "/lb/backends/sim0/models"), ("POST", "/lb/backends/sim0/restart"),
 ]
 
 

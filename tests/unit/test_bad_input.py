@@ -131,6 +131,8 @@ def test_lb_routes(lb, name, state, limit, offset, strategy):
     for method, path in (("GET", f"/lb/tasks/{q}"), ("DELETE", f"/lb/tasks/{q}"), ("GET", f"/lb/backends/{q}"),
                          ("DELETE", f"/lb/backends/{q}"), ("POST", f"/lb/backends/{q}/enable"),
                          ("POST", f"/lb/backends/{q}/disable"), ("GET", f"/lb/backends/{q}/inventory"),
+                         ("GET", f"/lb/backends/{q}/log"), ("POST", f"/lb/backends/{q}/restart"),
+                         ("POST", f"/lb/backends/{q}/models"), ("GET", "/lb/transfers"),
                          ("POST", f"/lb/scheduler/strategy/{requests.utils.quote(strategy, safe='')}"),
                          ("POST", f"/lb/scheduler/order/{requests.utils.quote(strategy, safe='')}")):
         if method == "DELETE" and path.startswith("/lb/backends/") and name in ("sim0", "sim1"):
@@ -286,3 +288,19 @@ def test_still_alive_after_the_sweep(lb):
     alive(lb)
     r = requests.get(lb + "/lb/status", timeout=10)
     assert r.status_code == 200 and len(r.json()["backends"]) == 2
+
+
+@SETTINGS
+@given(name=ids, body=json_values, raw=st.sampled_from([b"[" * 5000, b'{"folder": NaN}', b"{" * 3 + b"}",
+                                                        b'{"name": "' + b"x" * 2_000_000 + b'"}', b"\xff\xfe"]))
+def test_copy_requests(lb, name, body, raw):
+    """POST /lb/backends/{name}/models with any JSON, and with bodies no JSON reader should
+    take (deep, NaN, huge, not UTF-8): a 4xx, and no copy starts (the simulated peers run no
+    agent, so none could)."""
+    q = requests.utils.quote(name, safe="")
+    check(requests.post(f"{lb}/lb/backends/{q}/models", json=body, timeout=10))
+    check(requests.post(lb + "/lb/backends/sim0/models", json=body, timeout=10))
+    r = requests.post(lb + "/lb/backends/sim0/models", data=raw, headers={"Content-Type": "application/json"},
+                      timeout=30)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
+    assert requests.get(lb + "/lb/transfers", timeout=10).json() == {"transfers": []}

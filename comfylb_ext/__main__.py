@@ -81,7 +81,7 @@ async def _listen(app: web.Application, cfg: Config) -> web.AppRunner:
 
 async def _stand_by(cfg: Config, lead: Leadership, stop: asyncio.Event) -> web.AppRunner | None:
     """Pass clients on to the leader until this coordinator leads (its stand-by runner, to
-    close once the leader's is listening) or stops (None)."""
+    close once the leader's is listening), or until it stops or loses the database (None)."""
     from .proxy import standby_app
 
     lead.listen()
@@ -92,14 +92,16 @@ async def _stand_by(cfg: Config, lead: Leadership, stop: asyncio.Event) -> web.A
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([leading, stopping], return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
-    if leading.done() and not leading.cancelled() and leading.exception() is None:
+    if leading.done() and leading.exception() is None:
         return runner
+    if leading.done():  # its session with the database is gone: a supervisor restarts it (code 3)
+        log.error("standing by: lost the database while waiting to lead (%s); stopping", leading.exception())
     await runner.cleanup()
     return None
 
 
 async def _serve(cfg: Config, demo: bool) -> int:
-    """Serves until SIGINT/SIGTERM (0), or until it stops leading the cluster (3)."""
+    """Serves until SIGINT/SIGTERM (0), or until it loses the database it leads or stands by on (3)."""
     from .hosts.standalone import build_app
 
     loop = asyncio.get_running_loop()
@@ -119,7 +121,7 @@ async def _serve(cfg: Config, demo: bool) -> int:
             standby = await _stand_by(cfg, lead, stop)
             if standby is None:
                 lead.close()
-                return 0
+                return 0 if stop.is_set() else 3
         lead.watch(lambda: loop.call_soon_threadsafe(lost.set))
     runner = await _listen(build_app(cfg), cfg)
     # What start-up made lives as long as the process: the collector need not walk it again.

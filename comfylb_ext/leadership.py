@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from .pgstore import SCHEMA_LOCK, connect, redacted
 
@@ -42,7 +43,9 @@ class Leadership:
         self._holder = self._connect()  # holds the lock while leading; waits for it while not
         self._db = self._connect()      # everything else (the leader's address)
         self._seen: tuple[float, str | None] = (0.0, None)
+        self._looking: asyncio.Future[str | None] | None = None  # a look-up under way: every request waits for it
         self._listening = False
+        self._closed = threading.Event()
         self.heard = threading.Event()  # a new leader was announced (set by the listener)
 
     def _connect(self) -> Any:
@@ -77,11 +80,15 @@ class Leadership:
 
     async def leader(self) -> str | None:
         """The leading coordinator's URL, as it announced it.  Asked on every request a
-        stand-by passes on: looked up in the database (in a thread) at most once a second."""
+        stand-by passes on: looked up in the database (in a thread) at most once a second,
+        and once for all the requests that arrive meanwhile."""
         at, url = self._seen
         if time.monotonic() - at < (TOLD_FRESH if self._listening else FRESH):
             return url
-        return await asyncio.to_thread(self._look_up)
+        if self._looking is None:
+            self._looking = asyncio.ensure_future(asyncio.to_thread(self._look_up))
+            self._looking.add_done_callback(lambda _: setattr(self, "_looking", None))
+        return await asyncio.shield(self._looking)
 
     def listen(self) -> None:
         """While standing by: a new leader's address arrives by NOTIFY the moment it leads,
@@ -96,7 +103,7 @@ class Leadership:
             try:
                 while self._listening:
                     for note in conn.notifies(timeout=1.0):
-                        self._seen = (time.monotonic(), note.payload if note.payload != self.me else None)
+                        self._seen = (time.monotonic(), self._other(note.payload))
                         self.heard.set()
             except Exception as e:  # noqa: BLE001 - the server went away: look the leader up again
                 log.info("no longer told of new leaders (%s); looking them up instead", e)
@@ -111,18 +118,31 @@ class Leadership:
             found = json.loads(row[0]).get("url") if row else None
         except Exception:  # noqa: BLE001 - no table yet, a row someone broke, the server away: no leader
             found = None
-        url = found if isinstance(found, str) and found != self.me else None
+        url = self._other(found)
         self._seen = (time.monotonic(), url)
         return url
+
+    def _other(self, found: object) -> str | None:
+        """The address another coordinator announced, if it is one requests can be passed
+        to (an http(s) URL): a row or NOTIFY someone else wrote is no leader."""
+        if not isinstance(found, str) or found == self.me:
+            return None
+        try:
+            parts = urlsplit(found)
+            parts.port  # noqa: B018 - ValueError: a port out of range, or not a number
+        except ValueError:
+            return None
+        return found if parts.scheme in ("http", "https") and parts.hostname else None
 
     def watch(self, lost: Callable[[], object]) -> threading.Thread:
         """While leading: `lost()` (once) if the session holding the lock is gone."""
         def run() -> None:
-            while self.leading:
-                time.sleep(CHECK_EVERY)
+            while not self._closed.wait(CHECK_EVERY) and self.leading:
                 try:
                     self._holder.execute("SELECT 1")
                 except Exception as e:  # noqa: BLE001 - any failure means the lock may be gone
+                    if self._closed.is_set():
+                        return  # closed under it: stopping, not lost
                     log.error("lost the connection that makes this coordinator the leader (%s); stopping so that "
                               "no two coordinators dispatch", e)
                     self.leading = False
@@ -134,6 +154,7 @@ class Leadership:
     def close(self) -> None:
         self.leading = False
         self._listening = False
+        self._closed.set()
         try:
             self._holder.cancel()  # a wait for the lock, in its thread, ends now
         except Exception:  # noqa: BLE001 - nothing was running

@@ -12,6 +12,7 @@ Which of several coordinators on one database writes here is leadership.py's bus
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -61,7 +62,10 @@ CREATE TABLE IF NOT EXISTS inputs (type TEXT, subfolder TEXT, filename TEXT, sha
 CREATE TABLE IF NOT EXISTS runs (shape BYTEA NOT NULL, features TEXT NOT NULL, seconds DOUBLE PRECISION NOT NULL,
                                  id BIGSERIAL);
 """
-TABLES = ("tasks", "task_state", "history", "peers", "files", "meta", "runs")
+TABLES = ("tasks", "task_state", "history", "peers", "files", "runs")  # emptied by a rebuild, and meta but KEPT
+# meta rows that are the database's, not the state's: a rebuild from memory keeps them (the
+# leader's address: without it no stand-by would find the leader until the next takeover)
+KEPT = ("schema_version", "leader")
 
 # INSERT OR REPLACE, as PostgreSQL says it: (the row's key, its other columns)
 _UPSERT = {
@@ -107,6 +111,7 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+@functools.lru_cache(maxsize=256)  # the store's statements are a few fixed strings, each run again and again
 def dialect(sql: str) -> str:
     """A statement of the SQLite store's, as PostgreSQL takes it."""
     m = _REPLACE.match(sql)
@@ -170,8 +175,9 @@ class PgStore(Store):
             if self.db.closed or self.db.broken:
                 self.db = self._open(self.path)
             with self.db.transaction():
-                for table in TABLES:  # our own names; the schema's version stays
-                    self.db.execute(f"DELETE FROM {table}" + (" WHERE key <> 'schema_version'" if table == "meta" else ""))
+                for table in TABLES:  # our own names
+                    self.db.execute(f"DELETE FROM {table}")
+                self.db.execute("DELETE FROM meta WHERE key <> ALL(%s)", (list(KEPT),))
                 write_all(lambda sql, params, many=False: self._execute(sql, params, many), state, rows)
         except Exception as e:
             if not isinstance(e, (StoreError, *self.ERRORS)):
@@ -182,7 +188,6 @@ class PgStore(Store):
                     "nothing acknowledged was lost", self.path, len(state.tasks), len(state.history))
         self.problem = None
         return True
-
 
     # -- uploaded inputs: in the database, so the next leader has them ------------------------
     async def save_input(self, key: tuple[str, str, str], sha256: str, data: bytes) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .api.comfy import MAX_UPLOAD_SIZE
 from .errors import error, error_body
@@ -24,12 +26,17 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "transfer-encoding", "upgrade", "content-length"})
 WS_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                         "sec-websocket-protocol"})
+NOT_PASSED = HOP_BY_HOP | WS_HEADERS  # of a request: its websocket handshake is the stand-by's own
+CLOSE_WITHIN = 2.0  # seconds a client may take to answer the close of its socket
 NO_LEADER = ("No coordinator leads the cluster right now; one takes over within seconds. "
              "Try again shortly.")
 
 
-def _headers(request: web.Request) -> dict[str, str]:
-    return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | WS_HEADERS}
+def _end_to_end(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """`headers` less `drop` and whatever its Connection header names (hop-by-hop too,
+    RFC 9110 7.6.1); repeated ones (Set-Cookie) kept."""
+    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() not in named)
 
 
 class Forwarder:
@@ -46,8 +53,7 @@ class Forwarder:
 
     async def close(self) -> None:
         """Clients' sockets close (they reconnect, to whoever leads now)."""
-        for ws in list(self.sockets):
-            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"coordinator stopping")
+        await close_sockets(self.sockets, b"coordinator stopping")
         if self.session is not None:
             await self.session.close()
 
@@ -55,18 +61,16 @@ class Forwarder:
         target = await self.leader()
         if target is None or self.session is None:
             return no_leader(request)
-        url = target.rstrip("/") + request.rel_url.path_qs
+        # the path and query as the client sent them: decoded, "a%23b.png" would end at "a"
+        url = URL(target.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await _bridge(request, self.session, url, self.sockets)
         resp: web.StreamResponse | None = None
         try:
-            async with self.session.request(request.method, url, headers=_headers(request),
+            async with self.session.request(request.method, url, headers=_end_to_end(request.headers, NOT_PASSED),
                                             data=request.content if request.body_exists else None,
                                             allow_redirects=False) as upstream:
-                resp = web.StreamResponse(status=upstream.status)
-                for k, v in upstream.headers.items():  # Set-Cookie may come more than once
-                    if k.lower() not in HOP_BY_HOP:
-                        resp.headers.add(k, v)
+                resp = web.StreamResponse(status=upstream.status, headers=_end_to_end(upstream.headers, HOP_BY_HOP))
                 await resp.prepare(request)
                 async for chunk in upstream.content.iter_chunked(1 << 16):
                     await resp.write(chunk)
@@ -81,6 +85,26 @@ class Forwarder:
             return no_leader(request)
 
 
+    async def ready(self, request: web.Request) -> web.Response:
+        """Ready for an orchestrator once there is a leader to pass clients on to (no token
+        needed, so nothing more: the leader's address stays inside)."""
+        there = await self.leader() is not None
+        return web.json_response({"ready": there, "role": "standby"}, status=200 if there else 503)
+
+
+async def close_sockets(sockets: Iterable[web.WebSocketResponse], message: bytes) -> None:
+    """Close clients' sockets at once, as a server going away does (ComfyUI's web UI then
+    reconnects); one that never answers the close frame holds no one up past CLOSE_WITHIN."""
+    closing = [asyncio.ensure_future(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=message))
+               for ws in list(sockets)]
+    if not closing:
+        return
+    _, late = await asyncio.wait(closing, timeout=CLOSE_WITHIN)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*closing, return_exceptions=True)
+
+
 def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
     """`leader()`: the leading coordinator's URL, or None while there is none."""
     app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
@@ -92,15 +116,9 @@ def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
     async def stop(app: web.Application) -> None:
         await forwarder.close()
 
-    async def ready(request: web.Request) -> web.Response:
-        """Ready for an orchestrator once there is a leader to pass clients on to."""
-        target = await leader()
-        # no token needed, so nothing more: the leader's address stays inside
-        return web.json_response({"ready": target is not None, "role": "standby"}, status=200 if target else 503)
-
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
-    app.router.add_get("/lb/ready", ready)
+    app.router.add_get("/lb/ready", forwarder.ready)
     app.router.add_route("*", "/{tail:.*}", forwarder.forward)
     return app
 
@@ -115,12 +133,18 @@ def no_leader(request: web.Request) -> web.Response:
     return web.json_response(body, status=503, headers={"Retry-After": "2"})
 
 
-async def _bridge(request: web.Request, session: aiohttp.ClientSession, url: str,
+async def _bridge(request: web.Request, session: aiohttp.ClientSession, url: URL,
                   sockets: set[web.WebSocketResponse]) -> web.StreamResponse:
     """A client's websocket, joined to one on the leader until either closes."""
     try:
-        upstream = await session.ws_connect(url.replace("http", "ws", 1), headers=_headers(request),
+        upstream = await session.ws_connect(url.with_scheme("wss" if url.scheme == "https" else "ws"),
+                                            headers=_end_to_end(request.headers, NOT_PASSED),
                                             max_msg_size=0, heartbeat=30.0)
+    except aiohttp.WSServerHandshakeError as e:
+        if e.status < 400:  # it answered, but not as a websocket server does
+            log.warning("no websocket to the leader: %s", e)
+            return no_leader(request)
+        return web.Response(status=e.status, text=f"{e.status}: refused by the leading coordinator")  # a token, Origin
     except aiohttp.ClientError as e:
         log.warning("no websocket to the leader: %s", e)
         return no_leader(request)

@@ -1,14 +1,13 @@
 """The standalone host: ComfyLB's own aiohttp server in front of the peers."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 from ..access import Access, cross_site_refusal
 from ..api.comfy import MAX_UPLOAD_SIZE, STANDALONE, ComfyApi
@@ -18,6 +17,7 @@ from ..dispatcher import Cluster
 from ..peer import INSTANCE_HEADER
 from .. import errors
 from ..pgstore import open_store
+from ..proxy import close_sockets
 from ..uploads import InputStore
 from ..workers import Install, knows_flag, resolve
 
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CLUSTER = web.AppKey("cluster", Cluster)
-CLOSE_WITHIN = 2.0  # seconds a client may take to answer the close of its socket at shutdown
 
 
 class SocketHub:
@@ -91,15 +90,7 @@ class SocketHub:
         """Close every client socket as a server going away does (ComfyUI's web UI then
         reconnects): an open socket holds aiohttp's graceful shutdown until its handler
         ends, which a connected client never lets happen."""
-        closing = [asyncio.ensure_future(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown"))
-                   for group in self.sockets.values() for ws in group]
-        if not closing:
-            return
-        # a client that never answers the close frame must not hold the shutdown either
-        _, late = await asyncio.wait(closing, timeout=CLOSE_WITHIN)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*closing, return_exceptions=True)
+        await close_sockets([ws for group in self.sockets.values() for ws in group], b"server shutdown")
 
 
 async def _quietly(coro: Awaitable[Any]) -> None:

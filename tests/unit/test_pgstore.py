@@ -123,7 +123,7 @@ async def test_one_coordinator_leads_and_the_next_takes_over_when_it_goes(url):
         assert first.try_lead() and not second.try_lead()
         assert await second.leader() == "http://a:1" and await first.leader() is None  # a leader passes no one on
         waiting = asyncio.ensure_future(second.wait_to_lead())
-        await asyncio.sleep(0)
+        await _waits_for_the_lock(url, 1)  # in PostgreSQL's queue for it, not finished
         assert not waiting.done()
         first.close()  # its session ends: the lock is free at once
         await asyncio.wait_for(waiting, 10)
@@ -134,6 +134,22 @@ async def test_one_coordinator_leads_and_the_next_takes_over_when_it_goes(url):
     finally:
         first.close()
         second.close()
+
+
+async def _waits_for_the_lock(url: str, n: int) -> None:
+    """Until `n` sessions wait for the leader's lock (PostgreSQL says nothing when one
+    starts to: its pg_locks is read until then)."""
+    from comfylb_ext.leadership import LOCK_KEY
+    from comfylb_ext.pgstore import connect
+
+    with connect(url) as db:
+        for _ in range(200):
+            waiting = db.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND "
+                                 "((classid::bigint << 32) | objid::bigint) = %s", (LOCK_KEY,)).fetchone()[0]
+            if waiting == n:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{n} session(s) never waited for the lock")
 
 
 async def test_stand_bys_are_told_of_a_new_leader_at_once(url):
@@ -234,3 +250,123 @@ def test_coordinators_started_together_all_open_the_new_database(url):
     assert len(opened) == 8
     for one in opened:
         one.close()
+
+
+async def test_a_rebuild_of_the_state_keeps_the_leaders_address(url):
+    """The leader writes its whole state again after the database was away: stand-bys (and
+    coordinators starting later) still find it."""
+    from comfylb_ext.leadership import Leadership
+    from comfylb_ext.store import Snapshot
+
+    lead, other = Leadership(url, "http://a:1"), Leadership(url, "http://b:2")
+    db = PgStore(url)
+    try:
+        assert lead.try_lead()
+        db.db.close()
+        db.put("number", 1)  # fails: the state is to be written again
+        assert db.needs_rebuild()
+        db.rebuild(Snapshot(meta={"number": 3}, peers=[], tasks=[], history=[], files={}, runs=[]))
+        db.close()
+        assert db.problem is None
+        assert await other.leader() == "http://a:1"
+        assert PgStore(url).get("number") == 3
+    finally:
+        for one in (lead, other):
+            one.close()
+
+
+@pytest.mark.parametrize("announced", ["", "not a url", "ftp://a:1/", "javascript:alert(1)", "http://a:99999/",
+                                       "http:///nohost", 7, None])
+async def test_an_address_someone_broke_is_no_leader(url, announced):
+    """The leader's row, or a NOTIFY, that is not an http(s) URL: stand-bys answer 503 (no
+    leader) rather than pass clients on to it."""
+    import json
+
+    from comfylb_ext.leadership import CHANNEL, Leadership
+    from comfylb_ext.pgstore import connect
+
+    lead, standing = Leadership(url, "http://a:1"), Leadership(url, "http://c:3")
+    try:
+        assert lead.try_lead()
+        with connect(url) as db:
+            db.execute("UPDATE meta SET value = %s WHERE key = 'leader'", (json.dumps({"url": announced}),))
+        assert await standing.leader() is None
+        standing.listen()
+        with connect(url) as db:
+            db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(announced)))
+        assert await asyncio.to_thread(standing.heard.wait, 10)
+        assert await standing.leader() is None
+    finally:
+        for one in (lead, standing):
+            one.close()
+
+
+async def test_a_leader_that_closes_has_not_lost_its_lead(url, monkeypatch):
+    """Closing (at shutdown) ends the leader's watch quietly: `lost` is for a session that
+    went away under it."""
+    import threading
+
+    from comfylb_ext import leadership
+
+    monkeypatch.setattr(leadership, "CHECK_EVERY", 0.05)
+    lead = leadership.Leadership(url, "http://a:1")
+    assert lead.try_lead()
+    lost = threading.Event()
+    watching = lead.watch(lost.set)
+    lead.close()
+    watching.join(5)
+    assert not watching.is_alive() and not lost.is_set()
+
+
+async def test_a_leader_whose_session_is_dropped_is_told_so(url, monkeypatch):
+    import threading
+
+    from comfylb_ext import leadership
+    from comfylb_ext.pgstore import connect
+
+    monkeypatch.setattr(leadership, "CHECK_EVERY", 0.05)
+    lead = leadership.Leadership(url, "http://a:1")
+    try:
+        assert lead.try_lead()
+        lost = threading.Event()
+        lead.watch(lost.set)
+        holder = lead._holder.info.backend_pid
+        with connect(url) as db:
+            db.execute("SELECT pg_terminate_backend(%s)", (holder,))
+        assert await asyncio.to_thread(lost.wait, 10) and not lead.leading
+    finally:
+        lead.close()
+
+
+async def test_requests_arriving_together_share_one_look_up(url, monkeypatch):
+    from comfylb_ext.leadership import Leadership
+
+    lead, standing = Leadership(url, "http://a:1"), Leadership(url, "http://c:3")
+    try:
+        assert lead.try_lead()
+        looks = []
+        real = standing._look_up
+        monkeypatch.setattr(standing, "_look_up", lambda: looks.append(1) or real())
+        assert await asyncio.gather(*(standing.leader() for _ in range(50))) == ["http://a:1"] * 50
+        assert len(looks) == 1
+    finally:
+        for one in (lead, standing):
+            one.close()
+
+
+async def test_an_input_row_someone_broke_writes_nothing_outside_the_folder(url, tmp_path):
+    """Rows naming a path out of storage.dir, or a type ComfyUI has not, are skipped (and
+    said); the good one still lands."""
+    from comfylb_ext.uploads import InputStore
+
+    store = PgStore(url)
+    try:
+        for key in (("input", "../..", "escaped.png"), ("input", "", "../escaped.png"), ("bogus", "", "x.png"),
+                    ("input", "", "good.png")):
+            await store.save_input(key, "0" * 64, b"bytes")
+        files = InputStore(tmp_path / "files")
+        assert await asyncio.wrap_future(store.fetch_inputs(files.digest_of, files.put)) == 4
+    finally:
+        store.close()
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == \
+        ["files/input/good.png"]

@@ -40,8 +40,8 @@ def _name(value: Any) -> str | None:
 
 
 def names(values: Any, cap: int) -> tuple[list[str], bool]:
-    """(the distinct names in a peer's list, sorted, at most `cap`; whether any were cut).
-    Anything but a list counts as empty; entries that are not names are skipped."""
+    """(the distinct names in a peer's list, or a map's keys, sorted, at most `cap`; whether
+    any were cut).  Anything else counts as empty; entries that are not names are skipped."""
     if not isinstance(values, (list, dict)):
         return [], False
     found: set[str] = set()
@@ -138,7 +138,7 @@ def lacks(inventories: dict[str, Any]) -> dict[str, dict]:
 
 def _peer_lacks(inv: Inventory, union_models: dict[str, set[str]], union: dict[str, set[str]]) -> dict:
     unknown = [key for key in ("models", "nodes", "packs") if inv[key] is None]
-    unknown += [f"models/{f}" for f in sorted(inv["unlisted"]) if isinstance(f, str)]
+    unknown += [f"models/{f}" for f in sorted(inv["unlisted"])]
     out: dict[str, Any] = {"models": {}}
     missing = {"models": 0}
     budget = MAX_LISTED

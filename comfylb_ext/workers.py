@@ -88,12 +88,17 @@ def visible_gpus(environ: Mapping[str, str], smi_output: str | None) -> list[str
     workers must name them), else every GPU nvidia-smi lists."""
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+        return [g for g in (g.strip() for g in visible.split(",")) if g and g != "-1"]
     return parse_nvidia_smi(smi_output or "")
 
 
 def uses_cpu(args: list[str]) -> bool:
     return "--cpu" in args
+
+
+def _free(cfg: WorkersConfig, gpus: list[str], taken: str | None) -> list[str]:
+    """The GPUs workers may have: the configured ones, else those found; less `taken`."""
+    return [g for g in (cfg.gpus or gpus) if g != taken]
 
 
 def worker_count(cfg: WorkersConfig, gpus: list[str], taken: str | None = None) -> tuple[int, str]:
@@ -104,7 +109,7 @@ def worker_count(cfg: WorkersConfig, gpus: list[str], taken: str | None = None) 
         return cfg.count, f"workers.count is {cfg.count}"
     if uses_cpu(cfg.args):
         return 1, "count auto with --cpu: one worker (it uses every core)"
-    free = [g for g in (cfg.gpus or gpus) if g != taken]
+    free = _free(cfg, gpus, taken)
     if not free:
         return 0, ("count auto and no GPU found (none in CUDA_VISIBLE_DEVICES or nvidia-smi -L, or only the "
                    "coordinator's): no workers; add --cpu to args, or set count")
@@ -114,7 +119,7 @@ def worker_count(cfg: WorkersConfig, gpus: list[str], taken: str | None = None) 
 def assign_gpus(count: int, cfg: WorkersConfig, gpus: list[str], taken: str | None = None) -> list[str | None]:
     """The device each worker gets through CUDA_VISIBLE_DEVICES, round robin over the free
     ones (more workers than GPUs share them); None: left as it is (--cpu, or no GPU known)."""
-    free = [g for g in (cfg.gpus or gpus) if g != taken] or list(cfg.gpus or gpus)
+    free = _free(cfg, gpus, taken) or _free(cfg, gpus, None)
     if uses_cpu(cfg.args) or not free:
         return [None] * count
     return [free[i % len(free)] for i in range(count)]
@@ -350,19 +355,17 @@ class Workers:
     def __init__(self, plans: list[WorkerPlan]) -> None:
         self.plans = plans
         self.workers: dict[str, Worker] = {}
-        self._changed: Callable[[], None] = lambda: None
 
     def get(self, name: str) -> Worker | None:
         return self.workers.get(name)
 
     async def start(self, cluster: "Cluster", cfg: WorkersConfig) -> None:
-        self._changed = cluster.changed
         for p in self.plans:
             if p.name in cluster.peers:
                 log.error("%s not started: a peer of that name exists already (added at runtime?); remove it "
                           "with DELETE /lb/backends/%s and restart", p.name, p.name)
                 continue
-            worker = Worker(p, self._changed)
+            worker = Worker(p, cluster.changed)
             self.workers[p.name] = worker
             worker.start()
             peer = cluster.add_peer(BackendConfig(name=p.name, host=HOST, port=p.port, max_queue=cfg.max_queue,

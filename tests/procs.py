@@ -13,8 +13,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 # Model-free workflows, and the traffic recorded from a real ComfyUI (transcript.md).
@@ -191,6 +194,22 @@ def running_balancer(workdir: Path, name: str, backends: list[dict], **sections)
         yield lb
     finally:
         lb.stop()
+
+
+def until(cond: Callable[[], T], what: str, proc: Proc, timeout: float = 60) -> T:
+    """Poll until cond() is truthy and return its value (an OSError, e.g. a refused or 5xx
+    request, counts as not yet), or fail saying what was awaited, with `proc`'s log.  For
+    states nothing announces to a test outside the process (a pid gone, a worker back)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout} s; log:\n{proc.tail()}")
 
 
 def load_workflow(name: str) -> dict:

@@ -275,9 +275,11 @@ class LbApi:
         if isinstance(worker, web.Response):
             return worker
         raw = request.rel_url.query.get("lines", str(LOG_LINES))
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOG_LINES:
+        # isdecimal, not isdigit: "²" is a digit int() refuses; and int() refuses 4,300 digits
+        n = int(raw) if raw.isdecimal() and len(raw) <= 16 else 0
+        if not 1 <= n <= MAX_LOG_LINES:
             return error(400, f"lines must be a whole number from 1 to {MAX_LOG_LINES}, got {raw[:20]!r}")
-        lines = await asyncio.to_thread(worker.read_log, int(raw))
+        lines = await asyncio.to_thread(worker.read_log, n)
         return web.json_response({"name": worker.name, **worker.describe(), "lines": lines})
 
     async def restart_worker(self, request: web.Request) -> web.Response:

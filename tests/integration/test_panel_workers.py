@@ -1,27 +1,18 @@
 """Local workers in the panel (issue 15, item 1), in real headless Chromium: each worker's
 state and restarts, its log on click, and a restart button; over stand-in ComfyUI workers
-(tests/unit/test_workers.py) so the page is tested in seconds."""
+(tests/fakeworkers.py) so the page is tested in seconds."""
 from __future__ import annotations
-
-import sys
 
 import pytest
 
+from tests.fakeworkers import lb_over_fake_workers
 from tests.integration.test_panel import open_page
-from tests.simcluster import start_balancer, wait_for
-from tests.procs import free_ports
-from tests.unit.test_workers import FAKE_MAIN, REPO
 
 pytestmark = pytest.mark.real
 
 
 async def test_the_panel_shows_workers_their_log_and_restarts_one(browser, tmp_path):
-    (tmp_path / "comfy").mkdir()
-    (tmp_path / "main.py").write_text(FAKE_MAIN.format(repo=str(REPO)))
-    section = {"count": 1, "base_port": free_ports(1), "comfyui": str(tmp_path), "python": sys.executable}
-    runner, cluster, url = await start_balancer([], str(tmp_path / "lb"), workers=section)
-    try:
-        await wait_for(lambda: cluster.peers["worker-0"].available, cluster, timeout=30)
+    async with lb_over_fake_workers(tmp_path) as (url, cluster):
         page, errors = await open_page(browser, url + "/", width=460)
         peer = page.locator('.comfylb .cl-peer[data-peer="worker-0"]')
         await peer.locator(".cl-worker").wait_for(timeout=15000)
@@ -37,5 +28,3 @@ async def test_the_panel_shows_workers_their_log_and_restarts_one(browser, tmp_p
             timeout=30000)
         assert not errors, errors
         await page.close()
-    finally:
-        await runner.cleanup()

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 import urllib.request
 
 import aiohttp
@@ -38,23 +37,15 @@ def post(lb: procs.Proc, path: str) -> tuple[int, dict]:
         return r.status, json.load(r)
 
 
-def until(cond, what: str, lb: procs.Proc, timeout: float = STARTUP):
-    """Poll the balancer until cond() is truthy (its value), or fail saying what was awaited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout} s; log:\n{lb.tail()}")
-
-
 def worker(lb: procs.Proc, name: str) -> dict:
     b = get(lb, f"/lb/backends/{name}")
     return {**b["worker"], "available": b["available"]}
+
+
+def replaced(lb: procs.Proc, name: str, before: dict) -> bool:
+    """The worker was started once more since `before`, as another process, and is available."""
+    now = worker(lb, name)
+    return now["restarts"] == before["restarts"] + 1 and now["available"] and now["pid"] != before["pid"]
 
 
 def worker_pids(lb: procs.Proc) -> list[int]:
@@ -94,8 +85,7 @@ async def test_two_workers_are_peers_and_run_prompts(lb):
 async def test_a_killed_worker_comes_back_and_runs_prompts(lb):
     w0 = worker(lb, "worker-0")
     os.kill(w0["pid"], signal.SIGKILL)
-    until(lambda: (lambda w: w["restarts"] == w0["restarts"] + 1 and w["available"] and w["pid"] != w0["pid"])(
-        worker(lb, "worker-0")), "worker-0 back after kill -9", lb)
+    procs.until(lambda: replaced(lb, "worker-0", w0), "worker-0 back after kill -9", lb, STARTUP)
     post(lb, "/lb/backends/worker-1/disable")  # only worker-0 can take them now
     try:
         await run_prompts(lb, 2)
@@ -115,8 +105,7 @@ async def test_restart_on_request(lb):
     w1 = worker(lb, "worker-1")
     status, body = post(lb, "/lb/backends/worker-1/restart")
     assert status == 202 and body["name"] == "worker-1"
-    until(lambda: (lambda w: w["restarts"] == w1["restarts"] + 1 and w["available"] and w["pid"] != w1["pid"])(
-        worker(lb, "worker-1")), "worker-1 back after a restart", lb)
+    procs.until(lambda: replaced(lb, "worker-1", w1), "worker-1 back after a restart", lb, STARTUP)
     assert not procs.alive(w1["pid"])
 
 
@@ -132,7 +121,7 @@ def test_stopping_the_balancer_stops_its_workers(comfy_env, workdir):
     lb = procs.start_balancer(workdir, "workers-stop", [], workers=workers_section(comfy_env, 1))
     try:
         lb.wait_ready("/lb/state", 30)
-        pids = until(lambda: [p for p in worker_pids(lb) if p], "a worker pid", lb)
+        pids = procs.until(lambda: [p for p in worker_pids(lb) if p], "a worker pid", lb, STARTUP)
     finally:
         lb.stop()
     assert lb.popen.returncode == 0
@@ -143,10 +132,11 @@ def test_kill_9_of_the_balancer_leaves_no_worker(comfy_env, workdir):
     lb = procs.start_balancer(workdir, "workers-kill", [], workers=workers_section(comfy_env, 1))
     try:
         lb.wait_ready("/lb/state", 30)
-        pids = until(lambda: [p for p in worker_pids(lb) if p], "a worker pid", lb)
+        pids = procs.until(lambda: [p for p in worker_pids(lb) if p], "a worker pid", lb, STARTUP)
         os.kill(lb.popen.pid, signal.SIGKILL)
         lb.popen.wait(10)
-        until(lambda: not [p for p in pids if procs.alive(p)], "workers gone after kill -9 of the balancer", lb, 30)
+        procs.until(lambda: not [p for p in pids if procs.alive(p)], "workers gone after kill -9 of the balancer", lb,
+                    30)
     finally:
         lb.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from urllib.parse import unquote
 
 import aiohttp
@@ -239,3 +240,48 @@ async def test_listings_are_asked_once_until_the_catalog_changes_and_packs_get_a
                 monkeypatch.setattr(catalog_module, "MODELS_FRESH", 0.0)  # too old: asked again
                 await get(s, url + "/lb/inventory")
                 assert len([p for p in seen if p.startswith("/models")]) == 6
+
+
+# -- POST /lb/backends/{name}/models: what the route itself refuses ------------------------
+COPY = {"folder": "checkpoints", "name": "a.safetensors", "from": "sim1"}
+BAD_COPY_BODIES = [
+    (b"[]", 400), (b'"x"', 400), (b"null", 400), (b"{", 400),
+    (b'{"folder": NaN, "name": "a.safetensors", "from": "sim1"}', 400),
+    (b'{"folder": "checkpoints", "name": "a.safetensors", "from": "sim1", "size": 1e999}', 400),
+    (b'{"folder": ' + b"[" * 100 + b"]" * 100 + b', "name": "a.safetensors", "from": "sim1"}', 400),  # too deep
+    (b'{"folder": "checkpoints", "name": "a.safetensors", "from": "sim1", "path": "../../x"}', 400),  # unknown field
+    (b'{"folder": "' + b"x" * (9 << 20) + b'"}', 400),  # beyond the 8 MB of a JSON body
+]
+
+
+@pytest.mark.parametrize("body, status", BAD_COPY_BODIES, ids=range(len(BAD_COPY_BODIES)))
+async def test_a_copy_request_the_route_cannot_read_is_refused_and_starts_nothing(body, status):
+    async with lb_over_sims(2, auth={"agent_secret": "x" * 32}) as (url, sims, cluster):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/lb/backends/sim0/models", data=body,
+                              headers={"Content-Type": "application/json"}) as r:
+                assert r.status == status and set(await r.json()) == {"error"}, r.status
+            assert cluster.transfers.describe() == []
+
+
+@pytest.mark.parametrize("name", ["nope", "..", "%2e%2e", "sim0%2F..", "%00", "x" * 300])
+async def test_a_copy_to_an_unknown_or_odd_peer_name_is_a_404(name):
+    async with lb_over_sims(2, auth={"agent_secret": "x" * 32}) as (url, sims, cluster):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(URL(f"{url}/lb/backends/{name}/models", encoded=True), json=COPY) as r:
+                assert r.status == 404 and "no backend named" in (await r.json())["error"], name
+            assert cluster.transfers.describe() == []
+
+
+async def test_a_copy_request_from_another_site_or_not_as_json_is_refused():
+    async with lb_over_sims(2, auth={"agent_secret": "x" * 32}) as (url, sims, cluster):
+        async with aiohttp.ClientSession() as s:
+            for origin in ("http://evil.example", "null", url.replace("127.0.0.1", "localhost")):
+                async with s.post(url + "/lb/backends/sim0/models", json=COPY, headers={"Origin": origin}) as r:
+                    assert r.status == 403, origin
+            async with s.post(url + "/lb/backends/sim0/models", data=json.dumps(COPY),
+                              headers={"Content-Type": "text/plain"}) as r:
+                assert r.status == 415
+            async with s.post(url + "/lb/backends/sim0/models", json=COPY) as r:  # read, then refused:
+                assert r.status == 409 and "agent" in (await r.json())["error"]  # sim0 runs no agent
+            assert cluster.transfers.describe() == []

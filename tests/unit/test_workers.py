@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,9 +15,11 @@ import pytest
 from comfylb_ext import workers as w
 from comfylb_ext.config import ConfigError, WorkersConfig, parse, parse_workers
 from tests import procs
-from tests.simcluster import lb_over_sims, start_balancer, wait_for
+from tests.fakeworkers import FAKE_MAIN, lb_over_fake_workers
+from tests.simcluster import lb_over_sims, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = procs.REPO
+__all__ = ["FAKE_MAIN", "REPO"]  # tests/integration/test_cluster_page.py imports them from here, for now
 SMI = "GPU 0: NVIDIA RTX 4090 (UUID: GPU-aaa)\nGPU 1: NVIDIA RTX 4090 (UUID: GPU-bbb)\n"
 
 
@@ -144,31 +145,9 @@ def test_a_wrapped_child_exits_when_its_parent_is_killed(tmp_path):
     assert not procs.alive(child)
 
 
-# -- the supervisor over a stand-in ComfyUI ---------------------------------------------------
-FAKE_MAIN = """import sys
-sys.path.insert(0, {repo!r})
-args = sys.argv[1:]
-print("stand-in ComfyUI", " ".join(args), flush=True)
-sys.argv = ["sim", "--port", args[args.index("--port") + 1], "--name", "fake",
-            "--dir", args[args.index("--output-directory") + 1]]
-from comfylb_ext.sim import main
-main()
-"""
-
-
-@pytest.fixture
-def fake_comfyui(tmp_path):
-    (tmp_path / "comfy").mkdir()
-    (tmp_path / "main.py").write_text(FAKE_MAIN.format(repo=str(REPO)))
-    return tmp_path
-
-
-async def test_workers_are_peers_restarted_when_killed_and_have_logs(fake_comfyui, tmp_path):
-    section = {"count": 2, "base_port": procs.free_ports(2), "comfyui": str(fake_comfyui), "python": sys.executable}
-    runner, cluster, url = await start_balancer([], str(tmp_path / "lb"), workers=section)
-    try:
-        await wait_for(lambda: {"worker-0", "worker-1"} <= {n for n, p in cluster.peers.items() if p.available},
-                       cluster, timeout=30)
+# -- the supervisor over a stand-in ComfyUI (tests/fakeworkers.py) ---------------------------
+async def test_workers_are_peers_restarted_when_killed_and_have_logs(tmp_path):
+    async with lb_over_fake_workers(tmp_path, 2) as (url, cluster):
         async with aiohttp.ClientSession() as s:
             async with s.get(url + "/lb/backends/worker-0") as r:
                 first = (await r.json())["worker"]
@@ -186,8 +165,6 @@ async def test_workers_are_peers_restarted_when_killed_and_have_logs(fake_comfyu
             async with s.delete(url + "/lb/backends/worker-1") as r:
                 assert r.status == 409
             pids = [p.worker()["pid"] for p in cluster.peers.values()]
-    finally:
-        await runner.cleanup()
     assert all(pid and not procs.alive(pid) for pid in pids)
 
 
@@ -202,13 +179,31 @@ async def test_the_worker_routes_refuse_what_is_not_a_worker():
                     assert r.status == status and "error" in await r.json(), (method, path)
 
 
-async def test_the_log_route_checks_lines(fake_comfyui, tmp_path):
-    section = {"count": 1, "base_port": procs.free_ports(1), "comfyui": str(fake_comfyui), "python": sys.executable}
-    runner, cluster, url = await start_balancer([], str(tmp_path / "lb"), workers=section)
-    try:
+# not a whole number, or out of range: "²" is str.isdigit() but no number to int(), and a
+# number too long for int() (Python refuses strings beyond 4,300 digits) is a 400, not a 500
+BAD_LINES = ("0", "-1", "abc", "99999", "", "²", " 5", "+5", "1_0", "1e3", "0x10", "9" * 5000, "5\x00")
+
+
+async def test_the_log_route_checks_lines(tmp_path):
+    async with lb_over_fake_workers(tmp_path) as (url, cluster):
         async with aiohttp.ClientSession() as s:
-            for bad in ("0", "-1", "abc", "99999", ""):
+            for bad in BAD_LINES:
                 async with s.get(url + "/lb/backends/worker-0/log", params={"lines": bad}) as r:
-                    assert r.status == 400, bad
-    finally:
-        await runner.cleanup()
+                    assert r.status == 400 and "error" in await r.json(), bad[:20]
+            async with s.get(url + "/lb/backends/worker-0/log", params={"lines": "0007"}) as r:
+                assert r.status == 200 and len((await r.json())["lines"]) <= 7
+
+
+async def test_the_worker_routes_are_guarded_and_refuse_other_sites(tmp_path):
+    async with lb_over_fake_workers(tmp_path, auth={"token": "s3cret"}) as (url, cluster):
+        bearer = {"Authorization": "Bearer s3cret"}
+        async with aiohttp.ClientSession() as s:
+            for method, path in (("GET", "/log"), ("POST", "/restart")):
+                async with s.request(method, url + "/lb/backends/worker-0" + path) as r:
+                    assert r.status == 401, path
+            for origin in ("http://evil.example", "null", url.replace("127.0.0.1", "localhost")):
+                async with s.post(url + "/lb/backends/worker-0/restart", headers={**bearer, "Origin": origin}) as r:
+                    assert r.status == 403 and "Origin" in (await r.json())["error"], origin
+            async with s.get(url + "/lb/backends/worker-0/log", headers=bearer) as r:
+                assert r.status == 200
+        assert cluster.peers["worker-0"].worker()["restarts"] == 0  # no refused request restarted it

@@ -241,8 +241,7 @@ class StandBy:
             return await handler(request)
         path = unprefixed(request.path)
         if path == "/lb/ready":
-            there = await self.forwarder.leader()
-            return web.json_response({"ready": there is not None, "role": "standby"}, status=200 if there else 503)
+            return await self.forwarder.ready(request)
         if path.startswith("/lb/"):
             # judged here as the leader would judge it: to the leader the request comes from
             # this machine, which would make "this machine only" everyone's

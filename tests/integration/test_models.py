@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import json
 import os
-import time
 import urllib.request
 
 import aiohttp
@@ -30,19 +29,6 @@ pytestmark = pytest.mark.real
 def get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.load(r)
-
-
-def until(cond, what: str, lb: procs.Proc, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s; log:\n{lb.tail()}")
 
 
 def probe_prompt(name: str) -> dict:
@@ -68,7 +54,7 @@ def cluster(comfy_env, workdir):
             auth={"agent_secret": SECRET}, provisioning={"models": "on_demand"})
         lb.wait_ready("/lb/backends", 60)
         procs.wait_backends(lb, {holder.name, other.name})
-        until(lambda: all(b["agent"] for b in get(lb.url + "/lb/backends")["backends"]), "both agents found", lb)
+        procs.until(lambda: all(b["agent"] for b in get(lb.url + "/lb/backends")["backends"]), "both agents found", lb)
         yield lb, holder, other
     finally:
         for p in (lb, holder, other):
@@ -95,7 +81,7 @@ async def test_a_copied_model_has_the_same_sha256_is_listed_and_runs_there(clust
     status, copy = await post(lb, f"/lb/backends/{other.name}/models",
                               {"folder": "checkpoints", "name": "copy-me.safetensors", "from": holder.name})
     assert status == 202, copy
-    done = until(lambda: transfer(lb, copy["id"])["state"] in ("done", "failed") and transfer(lb, copy["id"]),
+    done = procs.until(lambda: transfer(lb, copy["id"])["state"] in ("done", "failed") and transfer(lb, copy["id"]),
                  "the copy to end", lb)
     want = hashlib.sha256(model_bytes("copy")).hexdigest()
     assert done["state"] == "done" and done["sha256"] == want and done["done"] == done["total"] == 3 << 20, done
@@ -104,7 +90,7 @@ async def test_a_copied_model_has_the_same_sha256_is_listed_and_runs_there(clust
     assert leftovers(other) == []
     listed = get(other.url + "/object_info/ComfyLBModelProbe")["ComfyLBModelProbe"]["input"]["required"]["ckpt_name"][0]
     assert "copy-me.safetensors" in listed
-    until(lambda: "copy-me.safetensors" not in get(lb.url + "/lb/inventory")["backends"][other.name]["lacks"]
+    procs.until(lambda: "copy-me.safetensors" not in get(lb.url + "/lb/inventory")["backends"][other.name]["lacks"]
           ["models"].get("checkpoints", []), "the inventory to see the copy", lb)
 
     # routed there: with the holder disabled only the receiving peer may run it
@@ -208,7 +194,7 @@ async def test_a_truncated_download_fails_clearly_and_leaves_nothing(cluster):
         status, copy = await post(lb, f"/lb/backends/{other.name}/models",
                                   {"folder": "checkpoints", "name": "truncated.safetensors", "from": url})
         assert status == 202, copy
-        ended = await asyncio.to_thread(until, lambda: transfer(lb, copy["id"])["state"] in ("done", "failed")
+        ended = await asyncio.to_thread(procs.until, lambda: transfer(lb, copy["id"])["state"] in ("done", "failed")
                                         and transfer(lb, copy["id"]), "the copy to end", lb)
         assert ended["state"] == "failed" and ended["error"], ended
         assert served[0] is None and any(r and r.startswith("bytes=") for r in served[1:]), served  # it resumed

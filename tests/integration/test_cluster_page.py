@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import aiohttp
 import pytest
@@ -17,11 +16,10 @@ from aiohttp import web
 from comfylb_ext.agent import Agent
 from comfylb_ext.config import BackendConfig
 from tests.client import Client, sleep_prompt
+from tests.fakeworkers import lb_over_fake_workers
 from tests.integration.test_panel import open_page
 from tests.peers import hostile_peer
-from tests.procs import free_ports
-from tests.simcluster import lb_over_sims, start_balancer, wait_for
-from tests.unit.test_workers import FAKE_MAIN, REPO
+from tests.simcluster import lb_over_sims, wait_for
 
 pytestmark = pytest.mark.real
 
@@ -303,12 +301,7 @@ async def test_a_real_copy_shows_on_its_peers_row_until_it_is_done(browser, tmp_
 
 
 async def test_a_local_workers_restarts_are_in_its_row(browser, tmp_path):
-    (tmp_path / "comfy").mkdir()
-    (tmp_path / "main.py").write_text(FAKE_MAIN.format(repo=str(REPO)))
-    section = {"count": 1, "base_port": free_ports(1), "comfyui": str(tmp_path), "python": sys.executable}
-    runner, cluster, url = await start_balancer([], str(tmp_path / "lb"), workers=section)
-    try:
-        await wait_for(lambda: cluster.peers["worker-0"].available, cluster, timeout=30)
+    async with lb_over_fake_workers(tmp_path) as (url, cluster):
         page, errors = await wide_page(browser, url)
         row = page.locator('#cluster tr[data-peer="worker-0"]')
         try:
@@ -321,5 +314,3 @@ async def test_a_local_workers_restarts_are_in_its_row(browser, tmp_path):
             assert errors == []
         finally:
             await page.close()
-    finally:
-        await runner.cleanup()

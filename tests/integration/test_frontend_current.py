@@ -295,10 +295,11 @@ async def test_cancel_from_the_job_queue(browser, coordinator_current, peers, sh
         await page.close()
 
 
-def _lb(coord, path: str) -> int:
+def lb_post(coord, path: str) -> int:
+    """POST an empty body to the coordinator's /lb/* `path` (blocking: run it in a thread)."""
     req = urllib.request.Request(f"{coord.url}{path}", data=b"{}", method="POST",
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=5) as r:
+    with urllib.request.urlopen(req, timeout=10) as r:
         return r.status
 
 
@@ -310,7 +311,7 @@ async def test_a_prompt_that_waits_for_no_peer_is_shown_as_waiting(browser, coor
     names = [p.name for p in peers[:2]]
     try:
         for name in names:
-            assert await asyncio.to_thread(_lb, coordinator_current, f"/lb/backends/{name}/disable") == 200
+            assert await asyncio.to_thread(lb_post, coordinator_current, f"/lb/backends/{name}/disable") == 200
         await ui.load(sleep_workflow(0.1, random.randrange(1 << 24)), "fe158-waiting")
         pid = await ui.run()
         toast = page.get_by_text("ComfyLB: prompt waiting")
@@ -319,7 +320,7 @@ async def test_a_prompt_that_waits_for_no_peer_is_shown_as_waiting(browser, coor
         await page.screenshot(path=str(shots / "fe158-waiting.png"))
     finally:
         for name in names:
-            await asyncio.to_thread(_lb, coordinator_current, f"/lb/backends/{name}/enable")
+            await asyncio.to_thread(lb_post, coordinator_current, f"/lb/backends/{name}/enable")
     try:
         await peer_history(peers[:2], pid, 60)
         assert not [e for e in ui.errors if "comfylb" in e.lower()], ui.errors

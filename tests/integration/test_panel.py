@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import urllib.request
 import uuid
 
 import aiohttp
@@ -13,6 +12,7 @@ import pytest
 from tests import procs
 from tests.client import Client, sleep_prompt
 from tests.conftest import COORD_TOKEN, peer_backend
+from tests.integration.test_frontend_current import lb_post, peer_history
 
 pytestmark = pytest.mark.real
 
@@ -288,13 +288,6 @@ async def test_the_tab_says_why_comfylb_is_not_attached(browser, coordinators):
         await page.close()
 
 
-def _lb_post(coord, path: str) -> int:
-    req = urllib.request.Request(f"{coord.url}{path}", data=b"{}", method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return r.status
-
-
 async def test_a_prompt_that_waits_for_no_peer_is_shown_as_waiting_in_frontend_1_32(browser, coordinators, peers):
     """The web UI ComfyUI 0.3.75 ships (1.32) shows the waiting notice as 1.58 does."""
     coord = coordinators["coord"]
@@ -303,21 +296,24 @@ async def test_a_prompt_that_waits_for_no_peer_is_shown_as_waiting_in_frontend_1
     try:
         await page.locator(".comfylb-tab-button").wait_for(timeout=90000)
         for name in names:
-            assert await asyncio.to_thread(_lb_post, coord, f"/lb/backends/{name}/disable") == 200
+            assert await asyncio.to_thread(lb_post, coord, f"/lb/backends/{name}/disable") == 200
         workflow = {
             "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 2468}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "waiting132"}},
         }
         await page.evaluate("(wf) => window.comfyAPI.app.app.loadApiJson(wf, 'comfylb-waiting')", workflow)
-        await page.locator("button.p-splitbutton-button").first.click()
+        async with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as queued:
+            await page.locator("button.p-splitbutton-button").first.click()
+        pid = (await (await queued.value).json())["prompt_id"]
         await page.get_by_text("ComfyLB: prompt waiting").first.wait_for(timeout=20000)
         assert await page.get_by_text("no peer is available").count() >= 1
     finally:
         for name in names:
-            await asyncio.to_thread(_lb_post, coord, f"/lb/backends/{name}/enable")
+            await asyncio.to_thread(lb_post, coord, f"/lb/backends/{name}/enable")
     try:
         async with Client(coord.url) as c:  # the waiting prompt runs once the peers are back
             await c.until(lambda: c.status and c.status[-1]["status"]["exec_info"]["queue_remaining"] == 0, 60)
+        await peer_history(peers[:2], pid, 60)  # it ran on a peer, not only left the queue
         assert not [e for e in errors if "comfylb" in e.lower()], errors
     finally:
         await page.close()

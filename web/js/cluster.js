@@ -7,14 +7,14 @@
 // ComfyUI imports every .js file in this folder, so this module has no side effects:
 // it only exports.
 
-import { esc, secs, missingRows, missingCount, namesText } from "./panel.js";
+import { esc, secs, missingRows, missingCount, missingText, untold, transfersOf, copyProgress, peerReason, progressPct,
+  addStyle, FINISHED } from "./panel.js";
 
 export const HISTORY_MS = 10 * 60 * 1000;  // how far back the timeline keeps jobs and samples
 export const MAX_JOBS = 1000;     // bars kept at most (the oldest ended ones go first)
 export const MAX_SAMPLES = 2000;  // queue-depth samples kept at most (one per change)
 export const SPANS = [[1, "last minute"], [5, "last 5 minutes"], [10, "last 10 minutes"]];
 const TICK_MS = 500;              // running bars grow and the timeline slides this often
-const FINISHED = new Set(["done", "failed"]);  // copies not shown: any other state is one in progress
 
 const STYLE_ID = "comfylb-cluster-style";
 const STYLES = `
@@ -159,39 +159,32 @@ export function prune(h, now = Date.now()) {
 
 function lacksHtml(inv) {
   if (!inv) return `<span class="cc-dim">–</span>`;
-  if (!missingCount(inv)) {
-    const untold = (inv.unknown || []).some((u) => u === "nodes" || u === "models");
-    return `<span class="cc-dim">${untold ? "not known yet" : "nothing"}</span>`;
-  }
-  const rows = missingRows(inv);
-  const title = rows.map(([label, names, total]) => `${label}: ${namesText(names, total)}`)
-    .concat(inv.packs_hint ? [inv.packs_hint] : []).join("\n");
-  const lines = rows.map(([label, names, total]) => {
+  if (!missingCount(inv)) return `<span class="cc-dim">${untold(inv) ? "not known yet" : "nothing"}</span>`;
+  const lines = missingRows(inv).map(([label, names, total]) => {
     const shown = names.slice(0, 2);
     const more = total - shown.length;
     return `<div><span class="cc-dim">${esc(label)}</span> ${shown.length ? esc(shown.join(", ")) : ""}${
       more > 0 ? `<span class="cc-dim">${shown.length ? ` +${more}` : more}</span>` : ""}</div>`;
   });
-  return `<div class="cc-lacks" title="${esc(title)}">${lines.join("")}</div>`;
+  return `<div class="cc-lacks" title="${esc(missingText(inv))}">${lines.join("")}</div>`;
 }
 
 function copyHtml(t) {
-  const total = typeof t.total === "number" && t.total > 0 ? t.total : null;
-  const pct = total != null ? Math.max(0, Math.min(100, Math.floor((100 * num(t.done)) / total))) : null;
+  const {done, total, pct} = copyProgress(t);
   const what = [t.folder, t.name].filter(Boolean).join("/") || t.id;
-  const title = `${what}${t.source ? ` from ${t.source}` : ""}: ${t.state}, ${bytes(num(t.done))}${total != null ? ` of ${bytes(total)}` : ""}`;
+  const title = `${what}${t.source ? ` from ${t.source}` : ""}: ${t.state}, ${bytes(done)}${total != null ? ` of ${bytes(total)}` : ""}`;
   return `<div class="cc-copy" data-transfer="${esc(t.id)}" data-state="${esc(t.state)}" title="${esc(title)}">
       <span class="cc-mono cc-what">${esc(what)}</span><span class="cc-dim">${esc(t.state)}</span>
-      <b class="cc-pct">${pct != null ? `${pct}%` : t.state === "queued" ? "" : esc(bytes(num(t.done)))}</b>
+      <b class="cc-pct">${pct != null ? `${pct}%` : t.state === "queued" ? "" : esc(bytes(done))}</b>
       <div class="cc-meter" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${pct ?? 0}"
         aria-label="Copy of ${esc(what)}"><div style="width:${pct ?? 0}%"></div></div></div>`;
 }
 
 function rowHtml(b, snap, inventory, copies) {
   const w = b.worker;
-  const reason = b.status === "healthy" || b.status === "disabled" ? "" : b.health?.last_error || "";
+  const reason = peerReason(b);
   const running = (snap.queue || []).filter((q) => q?.state === "running" && q.peer === b.name);
-  const prog = b.progress && b.progress.max ? Math.round((100 * b.progress.value) / b.progress.max) : null;
+  const prog = progressPct(b);
   const runningHtml = running.length
     ? running.map((q) => `<span class="cc-mono" title="${esc(q.task_id)}">▶ ${esc(short(q.task_id))}</span>`).join(" ")
       + (prog != null ? ` <span class="cc-dim">${prog}%</span>` : "")
@@ -216,8 +209,8 @@ function rowHtml(b, snap, inventory, copies) {
 /** The copies in progress (the push's `transfers`, absent before ComfyLB had them) by peer. */
 export function copiesByPeer(snap) {
   const byPeer = new Map();
-  for (const t of Array.isArray(snap?.transfers) ? snap.transfers : []) {
-    if (!t || typeof t.peer !== "string" || FINISHED.has(t.state)) continue;
+  for (const t of transfersOf(snap)) {
+    if (typeof t.peer !== "string" || FINISHED.has(t.state)) continue;
     byPeer.set(t.peer, [...(byPeer.get(t.peer) || []), t]);
   }
   return byPeer;
@@ -330,7 +323,7 @@ export function timelineSvg(h, snap, spanMin, width, now) {
  */
 export function createClusterView(panel) {
   const history = createHistory();
-  const view = {span: 5, root: null, timer: null, unwatch: null, ticks: 0, table: null};
+  const view = {span: 5, root: null, timer: null, unwatch: null, ticks: 0, table: null, svg: null};
 
   function drawTable(state) {
     const el = view.root?.querySelector(".cc-table");
@@ -349,9 +342,12 @@ export function createClusterView(panel) {
     prune(history, now);
     const snap = panel.state.snapshot;
     const svg = timelineSvg(history, snap, view.span, Math.max(320, el.clientWidth), now);
-    const tip = el.querySelector(".cc-tip");
-    el.innerHTML = svg;
-    if (tip) el.appendChild(tip);
+    if (svg !== view.svg) {  // an idle cluster draws the same timeline every tick: the DOM stays
+      view.svg = svg;
+      const tip = el.querySelector(".cc-tip");
+      el.innerHTML = svg;
+      if (tip) el.appendChild(tip);
+    }
     view.ticks++;
     el.dataset.ticks = String(view.ticks);
   }
@@ -380,12 +376,7 @@ export function createClusterView(panel) {
   }
 
   function render(el) {
-    if (!document.getElementById(STYLE_ID)) {
-      const style = document.createElement("style");
-      style.id = STYLE_ID;
-      style.textContent = STYLES;
-      document.head.appendChild(style);
-    }
+    addStyle(STYLE_ID, STYLES);
     el.innerHTML = `<div class="cc-cluster">
       <h3 class="cc-heading"><span class="cc-grow">Peers at a glance</span></h3>
       <div class="cc-table"></div>
@@ -398,7 +389,7 @@ export function createClusterView(panel) {
         <span><i class="cc-k-flight"></i>on peers</span></div>
     </div>`;
     view.root = el.firstElementChild;
-    view.table = null;
+    view.table = view.svg = null;
     view.root.querySelector(".cc-span").addEventListener("change", (ev) => {
       view.span = Number(ev.target.value) || 5;
       drawTimeline();

@@ -68,7 +68,7 @@ export const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&am
 const gb = (bytes) => (bytes ? `${(bytes / 2 ** 30).toFixed(1)} GB` : "–");
 export const secs = (s) => (s == null ? "–" : s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(0)} s`);
 const SHOWN = 12;  // names per list in a peer's "missing" list; the rest are counted
-const FINISHED = new Set(["done", "failed"]);  // a copy in any other state is in progress
+export const FINISHED = new Set(["done", "failed"]);  // a copy in any other state is in progress
 const LOG_LINES = 40;  // lines of a local worker's log the panel shows
 
 // What a peer lacks (an entry of GET /lb/inventory) as [label, names, how many in all, the
@@ -86,6 +86,11 @@ export function missingRows(inv) {
 export const missingCount = (inv) => Object.values(inv?.missing || {}).reduce((n, v) => n + (Number(v) || 0), 0);
 export const namesText = (names, total) => (!names.length ? `${total}`
   : names.slice(0, SHOWN).join(", ") + (total > Math.min(names.length, SHOWN) ? ` … (${total} in all)` : ""));
+// The whole list as plain text, a line a row (a title, shown on hover).
+export const missingText = (inv) => missingRows(inv).map(([label, names, total]) => `${label}: ${namesText(names, total)}`)
+  .concat(inv?.packs_hint ? [inv.packs_hint] : []).join("\n");
+// Whether a peer has not yet told its node types or model files (its /object_info comes after its link).
+export const untold = (inv) => (inv?.unknown || []).some((u) => u === "nodes" || u === "models");
 const size = (n) => (n >= 2 ** 30 ? gb(n) : `${(n / 2 ** 20).toFixed(1)} MB`);
 
 // Whether a peer's inventory entry says it has a model file: it told its files of that folder,
@@ -97,7 +102,25 @@ function hasModel(inv, folder, file) {
   return listed >= (inv.missing?.models || 0) && !(lacks[folder] || []).includes(file);
 }
 // The copies of model files to peers (the pushes' `transfers`; none from a ComfyLB before them).
-const transfersOf = (snap) => (Array.isArray(snap?.transfers) ? snap.transfers : []).filter((t) => t && typeof t === "object");
+export const transfersOf = (snap) => (Array.isArray(snap?.transfers) ? snap.transfers : []).filter((t) => t && typeof t === "object");
+// How far a copy is: bytes done, its size (null while unknown) and the percentage (null without a size).
+export function copyProgress(t) {
+  const done = Number(t.done) || 0;
+  const total = Number(t.total) > 0 ? Number(t.total) : null;
+  return {done, total, pct: total ? Math.max(0, Math.min(100, Math.floor((100 * done) / total))) : null};
+}
+// Why a peer takes no work (none while healthy or disabled), and its running prompt's percentage.
+export const peerReason = (b) => (b.status === "healthy" || b.status === "disabled" ? "" : b.health?.last_error || "");
+export const progressPct = (b) => (b.progress && b.progress.max ? Math.round((100 * b.progress.value) / b.progress.max) : null);
+
+// The module's style sheet, added to the document once (by id) whichever view renders first.
+export function addStyle(id, css) {
+  if (document.getElementById(id)) return;
+  const style = document.createElement("style");
+  style.id = id;
+  style.textContent = css;
+  document.head.appendChild(style);
+}
 
 /**
  * host: {
@@ -249,9 +272,8 @@ export function createPanel(host) {
     } catch { return; }  // an older ComfyLB, or not allowed: no badges, nothing else changes
     draw();
     const linked = new Set((state.snapshot?.backends || []).filter((b) => b.linked).map((b) => b.name));
-    const untold = Object.entries(state.inventory).some(([name, e]) => linked.has(name) &&
-      (e.unknown || []).some((u) => u === "nodes" || u === "models"));
-    if (untold && inventoryTries++ < 5) loadInventorySoon(3000);
+    const waiting = Object.entries(state.inventory).some(([name, e]) => linked.has(name) && untold(e));
+    if (waiting && inventoryTries++ < 5) loadInventorySoon(3000);
   }
 
   // A copy that landed changes what its peer has: the inventory is asked again, a moment
@@ -349,8 +371,8 @@ export function createPanel(host) {
   }
 
   function peerHtml(b) {
-    const reason = b.status === "healthy" || b.status === "disabled" ? "" : b.health?.last_error || "";
-    const prog = b.progress && b.progress.max ? Math.round((100 * b.progress.value) / b.progress.max) : null;
+    const reason = peerReason(b);
+    const prog = progressPct(b);
     const devices = (b.devices || []).map((d) => esc(d.name) + (d.vram_total ? ` · ${gb(d.vram_free)} free of ${gb(d.vram_total)}` : "")).join("<br>");
     const busy = (k) => (state.pending.has(k) ? "disabled" : "");
     return `<div class="cl-peer cl-${esc(b.status)}" data-peer="${esc(b.name)}">
@@ -392,9 +414,7 @@ export function createPanel(host) {
       return `<div class="cl-copy cl-reason" data-transfer="${esc(t.id)}" data-state="failed">copy of <span class="cl-mono">${esc(what)}</span>${
         esc(from)} failed: ${esc(t.error || "no reason given")}</div>`;
     }
-    const done = Number(t.done) || 0;
-    const total = Number(t.total) > 0 ? Number(t.total) : null;
-    const pct = total ? Math.max(0, Math.min(100, Math.floor((100 * done) / total))) : null;
+    const {done, total, pct} = copyProgress(t);
     const verb = {queued: "waiting to copy", preparing: "preparing to copy", copying: "copying"}[t.state] || String(t.state);
     const title = `${size(done)}${total ? ` of ${size(total)}` : ""}${t.reason === "on_demand" ? " · for a prompt that needs it" : ""}`;
     return `<div class="cl-copy" data-transfer="${esc(t.id)}" data-state="${esc(t.state)}" title="${esc(title)}">
@@ -425,10 +445,8 @@ export function createPanel(host) {
     const inv = state.inventory?.[name];
     const count = missingCount(inv);
     if (!count) return "";
-    const hover = missingRows(inv).map(([label, names, total]) => `${label}: ${namesText(names, total)}`)
-      .concat(inv.packs_hint ? [inv.packs_hint] : []).join("\n");
     return `<button class="cl-badge" data-act="missing" data-name="${esc(name)}" aria-expanded="${state.openMissing.has(name)}"
-      title="${esc(`${name} lacks what another peer has:\n${hover}`)}" aria-label="${esc(name)} lacks ${count}: show the list">missing ${count}</button>`;
+      title="${esc(`${name} lacks what another peer has:\n${missingText(inv)}`)}" aria-label="${esc(name)} lacks ${count}: show the list">missing ${count}</button>`;
   }
 
   // A peer to copy a model file from that `dest` lacks: both run an agent that takes the
@@ -559,12 +577,7 @@ export function createPanel(host) {
   }
 
   function render(el) {
-    if (!document.getElementById(STYLE_ID)) {
-      const style = document.createElement("style");
-      style.id = STYLE_ID;
-      style.textContent = STYLES;
-      document.head.appendChild(style);
-    }
+    addStyle(STYLE_ID, STYLES);
     el.innerHTML = `<div class="comfylb"><div class="cl-body"></div><div class="cl-form">${formHtml()}</div></div>`;
     const root = el.firstElementChild;
     state.roots.add(root);

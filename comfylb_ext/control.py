@@ -33,8 +33,10 @@ class QueueControl:
         await self._settled()
 
     async def clear(self) -> None:
+        # each one as it is now: while a client hears of one's end, a queued one may be
+        # dispatched (then it is deleted on its peer) or have started (then it is left alone)
         for task in list(self.ledger.queue):
-            await self.ledger.cancelled(task)
+            await self._dequeue(task.prompt_id)
         for task in [t for t in self.ledger.tasks.values() if t.state == DISPATCHED]:
             await self._dequeue(task.prompt_id)
         await self._settled()

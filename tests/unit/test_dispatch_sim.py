@@ -267,3 +267,39 @@ async def test_under_longest_first_prompts_wait_in_the_coordinator_until_a_peer_
             await c.until(lambda: "execution_start" in runs[0].types())
             assert len(cluster.queue) == 2 and sims[0].sim.queue == []  # not sent ahead to the peer
             await c.until(lambda: all(r.done.is_set() for r in runs))
+
+
+async def test_clear_deletes_a_prompt_dispatched_while_it_clears_on_its_peer():
+    """Clearing hands control back at each prompt's end (its client hears of it): a queued
+    prompt dispatched meanwhile is taken off its peer, not marked cancelled while it runs."""
+    from comfylb_ext.control import QueueControl
+    from comfylb_ext.ledger import Ledger
+    from comfylb_ext.store import Store
+    from comfylb_ext.tasks import CANCELLED, Task
+
+    class Notify:
+        def changed(self) -> None: ...
+        def queue_changed(self) -> None: ...
+        async def status(self) -> None: ...
+
+    class Relay:
+        def expect(self, *a) -> None: ...
+        async def end(self, client_id, prompt_id) -> None:
+            if prompt_id == "a":  # a peer frees up while the client hears of a's end
+                ledger.dispatched(b, "p1", None)
+
+    class Recovery:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        async def withdraw(self, task, peer) -> bool:
+            self.asked.append(task.prompt_id)
+            return True
+
+    ledger = Ledger(Store(None), Relay(), Notify())
+    a, b = Task("a", 1, {}, {}, []), Task("b", 2, {}, {}, [])
+    for t in (a, b):
+        await ledger.accepted(t)
+    recovery = Recovery()
+    await QueueControl(ledger, {"p1": object()}, recovery, Notify(), lambda: None).clear()
+    assert recovery.asked == ["b"] and a.state == b.state == CANCELLED and not ledger.tasks

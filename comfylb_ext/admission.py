@@ -7,7 +7,6 @@ ids, room in the queue) is done by the dispatcher on the loop afterwards.
 """
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
@@ -15,7 +14,7 @@ from typing import Any, Callable, Iterable, Protocol
 from . import capability, cost, replacements, routing, validation
 from .capability import Capabilities, Requirements
 from .cost import Shape
-from .errors import Rejection
+from .errors import Rejection, now_ms
 from .errors import error as _error
 from .jobs import is_canonical_uuid
 from .tasks import Numbering
@@ -108,7 +107,7 @@ def check(data: dict, number: float, ctx: Context) -> Checked:
     if not isinstance(extra, dict):
         raise invalid("extra_data must be an object", "")
     extra = dict(extra)
-    extra["create_time"] = int(time.time() * 1000)  # as ComfyUI: the jobs API sorts and the UI validates by it
+    extra["create_time"] = now_ms()  # as ComfyUI: the jobs API sorts and the UI validates by it
     client_id = data.get("client_id")
     if client_id is not None:
         extra["client_id"] = client_id

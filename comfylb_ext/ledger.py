@@ -10,6 +10,7 @@ dispatcher's business; the ledger only writes down what was decided.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -66,7 +67,7 @@ class Ledger:
         on_peers = [t for t in self.tasks.values() if t.state in (RUNNING, DISPATCHED)]
         on_peers.sort(key=lambda t: (t.state != RUNNING, t.number, t.seq))
         queued = self.queue.ordered()
-        return on_peers[:limit] + [t for _, t in zip(range(max(0, limit - len(on_peers))), queued)]
+        return on_peers[:limit] + list(itertools.islice(queued, max(0, limit - len(on_peers))))
 
     def snapshot(self, polled: bool = False) -> tuple[list[Task], list[Task]]:
         """(running, pending), pending in the order they will run; `polled`: GET /queue,

@@ -193,12 +193,6 @@ class TaskQueue:
             if task is not None and task.seq == seq:
                 yield task
 
-    def clear(self) -> list[Task]:
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        self._heap.clear()
-        return tasks
-
 
 class Numbering:
     """ComfyUI's `number` semantics for POST /prompt (server.py post_prompt)."""

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .ledger import COUNTERS
 from .peer import Peer
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,6 @@ class _ClusterCollector:
         yield GaugeMetricFamily("comfylb_queue_remaining", "Unfinished prompts (ComfyUI's queue_remaining)",
                                 value=c.remaining())
         tasks = CounterMetricFamily("comfylb_tasks", "Prompts by what happened to them", labels=["event"])
-        for key in ("submitted", "completed", "failed", "cancelled", "retried", "rebalanced"):
+        for key in COUNTERS:
             tasks.add_metric([key], c.counts.get(key, 0))
         yield tasks

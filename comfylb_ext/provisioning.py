@@ -31,7 +31,7 @@ def lacks_only_models(peer: Peer, task: Task) -> list[tuple[str, str, str]] | No
                   if (c, n) in peer.caps.combos and v not in peer.caps.combos[(c, n)])
 
 
-def expected_wait(holders: Iterable[Peer], now: float) -> float:
+def time_until_free(holders: Iterable[Peer], now: float) -> float:
     """Seconds until the least loaded of the peers that have the models frees a slot: what
     its running prompts still need, by their predicted (or usual) run times."""
     waits = []
@@ -94,7 +94,7 @@ class Provisioner:
                 continue
             source, folder, size = found
             copy_s = size / self._rate()
-            wait_s = expected_wait([p for p in holders if p.available], time.time())  # down or disabled: no wait ends
+            wait_s = time_until_free([p for p in holders if p.available], time.time())  # down or disabled: no wait ends
             if wait_s <= copy_s:
                 log.info("prompt %s: waiting for %s (~%.0f s) is quicker than copying %s to %s (~%.0f s)",
                          task.prompt_id, "/".join(p.name for p in holders), wait_s, value, dest.name, copy_s)

@@ -20,7 +20,7 @@ from comfylb_ext.agent import PARTIAL, Agent
 from comfylb_ext.capability import Capabilities, requirements
 from comfylb_ext.config import BackendConfig, ConfigError, Provision, parse
 from comfylb_ext.peer import Peer
-from comfylb_ext.provisioning import GUESS_RUN, expected_wait, lacks_only_models
+from comfylb_ext.provisioning import GUESS_RUN, lacks_only_models, time_until_free
 from comfylb_ext.sim import catalog
 from comfylb_ext import transfers as transfers_module
 from comfylb_ext.transfers import ATTEMPTS, Agents, CopyRefused, Transfers
@@ -414,8 +414,8 @@ def run(predicted: float | None = None, started: float | None = None) -> SimpleN
     ([holder(run(None, 995))], GUESS_RUN - 5),
     ([holder(run(100, 970)), holder(run(20, 990))], 10.0),            # the least loaded
 ])
-def test_expected_wait(holders, wait):
-    assert expected_wait(holders, 1000.0) == wait
+def test_time_until_free(holders, wait):
+    assert time_until_free(holders, 1000.0) == wait
 
 
 # -- config ---------------------------------------------------------------------------------

@@ -82,10 +82,11 @@ async def _listen(app: web.Application, cfg: Config) -> web.AppRunner:
 async def _stand_by(cfg: Config, lead: Leadership, stop: asyncio.Event) -> web.AppRunner | None:
     """Pass clients on to the leader until this coordinator leads (its stand-by runner, to
     close once the leader's is listening), or until it stops or loses the database (None)."""
+    from .edge import Edge
     from .proxy import standby_app
 
     lead.listen()
-    runner = await _listen(standby_app(lead.leader), cfg)
+    runner = await _listen(standby_app(lead.leader, Edge(lead.leader, lead.edge_secret)), cfg)
     log.info("ComfyLB standing by on http://%s:%d: another coordinator leads; clients are passed on to it",
              cfg.server.host, cfg.server.port)
     leading = asyncio.ensure_future(lead.wait_to_lead())

@@ -25,6 +25,7 @@ from .catalog import Catalog
 from .config import BackendConfig, Config, Order, Strategy
 from .control import QueueControl
 from .cost import CostModel
+from .edges import Edges, shared_secret
 from .errors import Rejection, error, peer_refusal
 from .health import HealthChecker
 from .ledger import RUNS_KEPT, Ledger
@@ -54,7 +55,6 @@ PUMP_SCAN = 1000                  # queued tasks looked at per dispatch for one 
 AFFINITY_LOOKAHEAD = 64           # queued tasks a warm peer looks through for one using its models
 ORDER_WINDOW = 64                 # longest_first: queued tasks reordered; also the most times one is overtaken
 PREFETCH_MAX = 32 << 20           # outputs larger than this are relayed on demand, not copied ahead
-KEPT_CHECK_EVERY = 0.5            # seconds between looks for returned clients with results waiting
 ITSELF = ("this address is this ComfyLB itself, not a peer: list the other ComfyUI instances under backends "
           "(127.0.0.1:8188 is ComfyUI's own default address)")
 STORE_CHECK_EVERY = 2.0           # seconds between checks that the state database is still there and writable
@@ -100,6 +100,9 @@ class Cluster:
         self.events.agents = self.transfers.agents
         self.provisioner = Provisioner(cfg.provisioning, self.peers, self.catalog, self.transfers, self.spawn,
                                        self._tell_waiting)
+        self.edges = Edges(peers=self.peers, events=self.events, recovery=self.recovery, relay=self.relay,
+                           secret=shared_secret(self.db), session=lambda: self.session, spawn=self.spawn,
+                           changed=self.changed)
 
     # what other modules and tests read; the ledger owns it
     tasks = property(lambda self: self.ledger.tasks)
@@ -131,7 +134,7 @@ class Cluster:
         self._restore()
         self.health.start()
         self.spawn(self._keep_state_on_disk())
-        self.spawn(self._deliver_kept())
+        self.spawn(self.relay.keep_delivering())
         log.info("coordinator up with %d peer(s), strategy %s%s", len(self.peers), self.sched.strategy,
                  f"; {len(self.runtime_peers)} of them added at runtime ({', '.join(self.runtime_peers)}: kept in "
                  "the state database, not the config; DELETE /lb/backends/{name} removes one for good)"
@@ -151,6 +154,7 @@ class Cluster:
             self.costs.observe(shape, seconds)
         for task in self.ledger.restore(lambda t: t.peer in self.peers):
             self.peers[str(task.peer)].assign(task)
+        self.edges.restored()
         for task in self.ledger.tasks.values():
             task.req = capability.requirements(task.prompt or {})
         self.pump()
@@ -163,14 +167,6 @@ class Cluster:
             if self.db.needs_rebuild():
                 self.db.rebuild(self.state_snapshot())
 
-    async def _deliver_kept(self) -> None:
-        """Results kept for clients that were away reach them once they are back (a host
-        that tells when a socket connects delivers them at once too)."""
-        while True:
-            await asyncio.sleep(KEPT_CHECK_EVERY)
-            if self.relay.mailbox:
-                await self.relay.deliver_kept()
-
     def state_snapshot(self) -> Snapshot:
         return Snapshot(meta={"client_id": self.client_id, "number": self.ledger.numbering.next},
                         peers=list(self.runtime_peers.values()), tasks=list(self.ledger.record.values()),
@@ -179,6 +175,7 @@ class Cluster:
 
     async def stop(self) -> None:
         await self.health.stop()
+        await self.edges.close()
         self.db.close()
         await asyncio.gather(*(p.stop() for p in self.peers.values()), return_exceptions=True)
         for t in list(self._bg):
@@ -212,6 +209,7 @@ class Cluster:
                                   "mean_job_time": p.mean_job_time} for p in peers},
             "storage": {"ok": self.db.problem is None, "problem": self.db.problem},
             "waiting": self._waiting,
+            "edges": self.edges.describe(),
         }
 
     def scheduler_info(self) -> dict:
@@ -231,6 +229,7 @@ class Cluster:
         self.peers[b.name] = peer
         peer.start()
         self.spawn(self.check_peer(peer))
+        self.spawn(self.edges.peers_changed())
         log.info("peer %s added (%s)", b.name, b.url)
         self.changed()
         return peer
@@ -244,6 +243,7 @@ class Cluster:
         log.info("peer %s removed%s", name, f"; {len(peer.tasks)} prompt(s) finish there first" if peer.tasks else "")
         self.catalog.invalidate()
         self.changed()
+        await self.edges.peers_changed()
         await self._retire_if_idle(peer)
 
     async def _retire_if_idle(self, peer: Peer) -> None:
@@ -407,7 +407,7 @@ class Cluster:
                 self.metrics.gap(peer.name, time.perf_counter() - peer.freed_at)
                 peer.freed_at = None
             peer.last_pick = next(self._picks)
-            self.ledger.dispatched(task, peer.name, self.costs.predict(task.shape))
+            self.ledger.dispatched(task, peer.name, self.costs.predict(task.shape), self.edges.via(task, peer))
             peer.assign(task)
             self.spawn(self._send(task, peer))
 
@@ -442,13 +442,15 @@ class Cluster:
 
     def _payload(self, task: Task, peer: Peer) -> dict:
         body = {"prompt": routing.per_peer_outputs(task.prompt or {}, peer.name),
-                "client_id": self.client_id, "prompt_id": task.prompt_id,
+                "client_id": task.via or self.client_id, "prompt_id": task.prompt_id,
                 "extra_data": {k: v for k, v in task.extra_data.items() if k != "client_id"}}
         if task.partial_targets is not None:
             body["partial_execution_targets"] = task.partial_targets
         return body
 
     async def _send(self, task: Task, peer: Peer) -> None:
+        if task.via:
+            await self.edges.tell(task.via, task, peer)
         try:
             for f in self.store.references(task.prompt or {}):
                 await peer.deliver(f, self.store.path_of(f))

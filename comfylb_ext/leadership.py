@@ -47,6 +47,7 @@ class Leadership:
         self._listening = False
         self._closed = threading.Event()
         self.heard = threading.Event()  # a new leader was announced (set by the listener)
+        self._edge_secret: str | None = None
 
     def _connect(self) -> Any:
         db = connect(self.url)
@@ -89,6 +90,20 @@ class Leadership:
             self._looking = asyncio.ensure_future(asyncio.to_thread(self._look_up))
             self._looking.add_done_callback(lambda _: setattr(self, "_looking", None))
         return await asyncio.shield(self._looking)
+
+    async def edge_secret(self) -> str | None:
+        """What an edge (edge.py) signs with: made by the first leader, kept in the database."""
+        if self._edge_secret is None:
+            self._edge_secret = await asyncio.to_thread(self._read_edge_secret)
+        return self._edge_secret
+
+    def _read_edge_secret(self) -> str | None:
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'edge_secret'").fetchone()
+            found = json.loads(row[0]) if row else None
+        except Exception:  # noqa: BLE001 - no table yet, the server away: not yet
+            return None
+        return found if isinstance(found, str) and len(found) >= 32 else None
 
     def listen(self) -> None:
         """While standing by: a new leader's address arrives by NOTIFY the moment it leads,

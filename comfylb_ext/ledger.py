@@ -145,13 +145,14 @@ class Ledger:
         await self.relay.end(task.client_id, task.prompt_id)
         await self.notify.status()
 
-    def dispatched(self, task: Task, peer: str, predicted: float | None) -> None:
+    def dispatched(self, task: Task, peer: str, predicted: float | None, via: str | None = None) -> None:
+        """`via`: the edge whose client id it is sent under (edges.py), kept with the attempt."""
         self.queue.remove(task.prompt_id)
         task.state, task.peer = DISPATCHED, peer
         task.predicted = predicted
         task.attempts += 1
         task.dispatched_at = time.time()
-        task.attempt_log.append({"peer": peer, "at": task.dispatched_at, "outcome": None})
+        task.attempt_log.append({"peer": peer, "at": task.dispatched_at, "outcome": None} | ({"via": via} if via else {}))
         self.db.update_task(task)
         self.notify.changed()
 
@@ -220,7 +221,8 @@ class Ledger:
         task.state, task.finished_at = state, time.time()
         _outcome(task, outcome)
         if entry is not None:
-            entry["comfylb"] = {"attempts": task.attempt_log}
+            # an edge's id is the cluster's business, not its clients'
+            entry["comfylb"] = {"attempts": [{k: v for k, v in a.items() if k != "via"} for a in task.attempt_log]}
             self._add_history(task, entry)
         self.tasks.pop(task.prompt_id, None)
         task.drop_secrets()

@@ -1,6 +1,9 @@
 """Results for clients that are away: a prompt that ends while its client has no socket
 (a restart of either side, a dropped connection) keeps its final messages here until a
-socket with that client id connects again.  Bounded in clients, messages and time."""
+socket with that client id connects again.  Bounded in clients, messages and time.
+
+Results just sent are remembered a little while too (Sent): a coordinator standing by
+that dies takes with it what it was passing on, so those go again to its clients."""
 from __future__ import annotations
 
 import time
@@ -41,3 +44,26 @@ class Mailbox:
         now = time.monotonic()
         while self._boxes and next(iter(self._boxes.values()))[0] <= now:
             self._boxes.popitem(last=False)
+
+
+SENT_FOR = 5.0  # seconds a result sent is remembered
+
+
+class Sent:
+    """The results sent to each client in the last SENT_FOR seconds."""
+
+    def __init__(self) -> None:
+        self._sent: OrderedDict[str, deque[tuple[float, str, Any]]] = OrderedDict()
+
+    def note(self, client_id: str, event: str, data: Any) -> None:
+        now = time.monotonic()
+        box = self._sent.pop(client_id, None) or deque(maxlen=PER_CLIENT)
+        box.append((now, event, data))
+        self._sent[client_id] = box
+        while self._sent and (len(self._sent) > CLIENTS or next(iter(self._sent.values()))[-1][0] < now - SENT_FOR):
+            self._sent.popitem(last=False)
+
+    def since(self, client_id: str, seconds: float) -> list[tuple[str, Any]]:
+        """What the client was sent in the last `seconds`."""
+        after = time.monotonic() - seconds
+        return [(event, data) for at, event, data in self._sent.get(client_id, ()) if at >= after]

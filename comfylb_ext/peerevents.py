@@ -65,7 +65,8 @@ class PeerEvents:
         self.spawn(self.notify.status())
 
     # -- messages ----------------------------------------------------------------------
-    async def on_message(self, peer: Peer, msg: dict) -> None:
+    async def on_message(self, peer: Peer, msg: dict, relay: bool = True) -> None:
+        """`relay`: False for what an edge (edges.py) already relayed to its client."""
         event, data = msg.get("type"), msg.get("data")
         if not isinstance(data, dict) or not isinstance(event, str):
             return
@@ -89,7 +90,8 @@ class PeerEvents:
         if event == "executing" and data.get("node") is None:
             await self.finish(task, peer)
             return
-        await self.relay.json(task.client_id, event, data, pid)
+        if relay:
+            await self.relay.json(task.client_id, event, data, pid)
 
     def _ended_on(self, peer: Peer, task: Task, event: str) -> None:
         """Its run is over: the slot is free; what it took teaches the cost model."""

@@ -64,8 +64,9 @@ CREATE TABLE IF NOT EXISTS runs (shape BYTEA NOT NULL, features TEXT NOT NULL, s
 """
 TABLES = ("tasks", "task_state", "history", "peers", "files", "runs")  # emptied by a rebuild, and meta but KEPT
 # meta rows that are the database's, not the state's: a rebuild from memory keeps them (the
-# leader's address: without it no stand-by would find the leader until the next takeover)
-KEPT = ("schema_version", "leader")
+# leader's address: without it no stand-by would find the leader until the next takeover;
+# the secret edges sign with)
+KEPT = ("schema_version", "leader", "edge_secret")
 
 # INSERT OR REPLACE, as PostgreSQL says it: (the row's key, its other columns)
 _UPSERT = {

@@ -18,6 +18,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .api.comfy import MAX_UPLOAD_SIZE
+from .delivery import Send
+from .edge import Bridged, Edge
 from .errors import error, error_body
 
 log = logging.getLogger(__name__)
@@ -43,17 +45,22 @@ class Forwarder:
     """Passes requests and websockets on to the leader: the standalone stand-by's whole app
     (standby_app), and inside ComfyUI the stand-by's ComfyLB routes (hosts/comfyui.py)."""
 
-    def __init__(self, leader: Callable[[], Awaitable[str | None]]) -> None:
+    def __init__(self, leader: Callable[[], Awaitable[str | None]], edge: Edge | None = None) -> None:
         self.leader = leader   # the leading coordinator's URL, or None while there is none
+        self.edge = edge       # relays its clients' progress and previews itself (edge.py)
         self.sockets: set[web.WebSocketResponse] = set()
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+        if self.edge is not None:
+            await self.edge.start()
 
     async def close(self) -> None:
         """Clients' sockets close (they reconnect, to whoever leads now)."""
         await close_sockets(self.sockets, b"coordinator stopping")
+        if self.edge is not None:
+            await self.edge.close()
         if self.session is not None:
             await self.session.close()
 
@@ -64,7 +71,7 @@ class Forwarder:
         # the path and query as the client sent them: decoded, "a%23b.png" would end at "a"
         url = URL(target.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await _bridge(request, self.session, url, self.sockets)
+            return await _bridge(request, self.session, url, self.sockets, self.edge)
         resp: web.StreamResponse | None = None
         try:
             async with self.session.request(request.method, url, headers=_end_to_end(request.headers, NOT_PASSED),
@@ -105,10 +112,10 @@ async def close_sockets(sockets: Iterable[web.WebSocketResponse], message: bytes
     await asyncio.gather(*closing, return_exceptions=True)
 
 
-def standby_app(leader: Callable[[], Awaitable[str | None]]) -> web.Application:
+def standby_app(leader: Callable[[], Awaitable[str | None]], edge: Edge | None = None) -> web.Application:
     """`leader()`: the leading coordinator's URL, or None while there is none."""
     app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
-    forwarder = Forwarder(leader)
+    forwarder = Forwarder(leader, edge)
 
     async def start(app: web.Application) -> None:
         await forwarder.start()
@@ -134,7 +141,7 @@ def no_leader(request: web.Request) -> web.Response:
 
 
 async def _bridge(request: web.Request, session: aiohttp.ClientSession, url: URL,
-                  sockets: set[web.WebSocketResponse]) -> web.StreamResponse:
+                  sockets: set[web.WebSocketResponse], edge: Edge | None) -> web.StreamResponse:
     """A client's websocket, joined to one on the leader until either closes."""
     try:
         upstream = await session.ws_connect(url.with_scheme("wss" if url.scheme == "https" else "ws"),
@@ -151,23 +158,30 @@ async def _bridge(request: web.Request, session: aiohttp.ClientSession, url: URL
     client = web.WebSocketResponse(max_msg_size=MAX_UPLOAD_SIZE, heartbeat=30.0)
     await client.prepare(request)
     sockets.add(client)
+    bridged = edge.opened(client) if edge is not None else None
 
-    async def pump(src: Any, dst: Any) -> None:  # either side: a server's or a client's websocket
-        async for msg in src:
+    async def pump(src: Any, dst: Any, seen: Callable[[Bridged, str], Awaitable[Send | None]] | None) -> None:
+        async for msg in src:  # either side: a server's or a client's websocket
             if msg.type == WSMsgType.TEXT:
+                then = await seen(bridged, msg.data) if seen is not None and bridged is not None else None
                 await dst.send_str(msg.data)
+                if then is not None:
+                    await then()
             elif msg.type == WSMsgType.BINARY:
                 await dst.send_bytes(msg.data)
         await dst.close()
 
     try:
-        legs = [asyncio.ensure_future(pump(client, upstream)), asyncio.ensure_future(pump(upstream, client))]
+        legs = [asyncio.ensure_future(pump(client, upstream, edge.from_client if edge else None)),
+                asyncio.ensure_future(pump(upstream, client, edge.from_leader if edge else None))]
         await asyncio.wait(legs, return_when=asyncio.FIRST_COMPLETED)
         for leg in legs:
             leg.cancel()
         await asyncio.gather(*legs, return_exceptions=True)
     finally:
         sockets.discard(client)
+        if edge is not None and bridged is not None:
+            await edge.closed(bridged)
         await upstream.close()
         await client.close()
     return client

@@ -5,16 +5,18 @@ translates previews for clients that did not announce `supports_preview_metadata
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import struct
 from typing import Any, Protocol
 
 from .delivery import INTERLEAVE_FLAG, Delivery, Send
-from .mailbox import KEPT, Mailbox
+from .mailbox import KEPT, Mailbox, Sent
 
 log = logging.getLogger(__name__)
 
+KEPT_CHECK_EVERY = 0.5  # seconds between looks for returned clients with results waiting
 PREVIEW_IMAGE = 1
 TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
@@ -86,6 +88,7 @@ class Relay:
         self.hub = hub
         self.delivery = Delivery(ordered)
         self.mailbox = Mailbox()
+        self.sent = Sent()
 
     def expect(self, client_id: str | None, prompt_id: str, key: tuple) -> None:
         self.delivery.expect(client_id, prompt_id, key)
@@ -104,10 +107,28 @@ class Relay:
             await self.hub.send_json(event, data, None)
 
     async def _to_client(self, client_id: str, event: str, data: Any) -> None:
+        result = event in KEPT or (event == "executing" and isinstance(data, dict) and data.get("node") is None)
         if self.hub.connected(client_id):
             await self.hub.send_json(event, data, client_id)
-        elif event in KEPT or (event == "executing" and isinstance(data, dict) and data.get("node") is None):
+            if result:
+                self.sent.note(client_id, event, data)
+        elif result:
             self.mailbox.keep(client_id, event, data)  # its result: kept until the client is back
+
+    async def resend(self, client_id: str, results: list[tuple[str, Any]]) -> None:
+        """Results sent to a client go again, now or once it is back: the coordinator that
+        passed them on died, maybe before they were out (`self.sent.since` says which)."""
+        for event, data in results:
+            self.mailbox.keep(client_id, event, data)
+        await self.deliver_kept(client_id)
+
+    async def keep_delivering(self) -> None:
+        """Results kept for clients that were away reach them once they are back (a host
+        that tells when a socket connects delivers them at once too)."""
+        while True:
+            await asyncio.sleep(KEPT_CHECK_EVERY)
+            if self.mailbox:
+                await self.deliver_kept()
 
     async def deliver_kept(self, client_id: str | None = None) -> None:
         """Results kept for clients that were away, to those now connected (`client_id`:

@@ -68,6 +68,14 @@ class Task:
     attempt_log: list = field(default_factory=list)
 
     @property
+    def via(self) -> str | None:
+        """The edge (edges.py) it was dispatched through while it is on a peer: the client
+        id the peer sends its events to (None: the cluster's own)."""
+        if self.state not in (State.DISPATCHED, State.RUNNING) or not self.attempt_log:
+            return None
+        return self.attempt_log[-1].get("via")
+
+    @property
     def shape(self) -> Shape:
         """Its workflow and numbers, for the cost model (made once)."""
         if self.known_shape is None:

@@ -74,7 +74,8 @@ class LbApi:
             ("POST", "/lb/scheduler/order/{value}", self.scheduler_setter("order", "orders")),
         ]
         return [(m, p, self._check(h, False)) for m, p, h in checked] + \
-               [(m, p, self._check(h, True)) for m, p, h in guarded]
+               [(m, p, self._check(h, True)) for m, p, h in guarded] + \
+               [("GET", "/lb/edge", self.cluster.edges.handle)]  # signed with the cluster's secret instead
 
     def _check(self, handler: Handler, guarded: bool) -> Handler:
         async def checked(request: web.Request) -> web.StreamResponse:

@@ -27,6 +27,7 @@ from ..api.lb import LbApi
 from ..config import BackendConfig, Config, ConfigError, ServerConfig, load
 from ..dispatcher import Cluster
 from ..peer import INSTANCE_HEADER
+from ..edge import Edge
 from ..proxy import Forwarder
 from ..leadership import Leadership
 from ..pgstore import open_store
@@ -230,7 +231,7 @@ class StandBy:
     `leading` turns true once this one has taken over and its cluster has started."""
 
     def __init__(self, lead: Leadership, table: list[tuple[str, re.Pattern, Intercept]], access: Access) -> None:
-        self.forwarder = Forwarder(lead.leader)
+        self.forwarder = Forwarder(lead.leader, Edge(lead.leader, lead.edge_secret))
         self.table = table
         self.access = access
         self.leading = False

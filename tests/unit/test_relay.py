@@ -64,3 +64,25 @@ async def test_results_wait_for_a_client_that_is_away_and_reach_it_when_it_is_ba
     assert [e for _, e, _ in hub.sent] == ["executed", "execution_success", "executing"]
     await relay.deliver_kept("c")
     assert len(hub.sent) == 3  # each once
+
+
+async def test_results_just_sent_go_again_when_the_socket_they_went_through_died(monkeypatch):
+    from comfylb_ext import mailbox
+
+    hub = FakeHub({})
+    relay = Relay(hub, ordered=False)
+    clock = [1000.0]
+    monkeypatch.setattr(mailbox.time, "monotonic", lambda: clock[0])
+    await relay.json("c", "execution_success", {"prompt_id": "old"}, "old")
+    clock[0] += 10  # long before the stand-by died: not sent again
+    await relay.json("c", "progress", {"prompt_id": "p", "value": 1}, "p")
+    await relay.json("c", "execution_success", {"prompt_id": "p"}, "p")
+    await relay.json("c", "executing", {"prompt_id": "p", "node": None}, "p")
+    await relay.json("other", "execution_success", {"prompt_id": "q"}, "q")
+    hub.sent.clear()
+    hub.away = {"c"}
+    await relay.resend("c", relay.sent.since("c", 2.0))
+    assert hub.sent == []  # away: kept until it is back
+    hub.away = set()
+    await relay.deliver_kept("c")
+    assert hub.sent == [("json", "execution_success", "c"), ("json", "executing", "c")]  # its results only

@@ -56,7 +56,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from comfylb_ext.sim import SimPeer  # noqa: E402
-from tests import procs  # noqa: E402
+from tests import pg, procs  # noqa: E402
 
 P99_LIMIT_MS = 50.0
 PROMPT_SECONDS = 3600.0  # the prompts run until cancelled
@@ -299,6 +299,41 @@ async def measure(urls: list[str], peer_url: str, args: argparse.Namespace, pids
             "lost": lost, "late": late, "cpu": cpu, "lag": lags}
 
 
+async def through_edges(n: int, ports: list[int], args: argparse.Namespace, work: Path, peers_pid: int) -> dict:
+    """The same clients spread over `--edges` coordinators standing by on one PostgreSQL
+    database: the leader dispatches, each stand-by relays its own clients' progress and
+    previews (edge.py)."""
+    server = await asyncio.to_thread(pg.start)
+    coords: list[procs.Proc] = []
+    try:
+        url = server.database(f"relay{n}")
+        backends = [{"name": f"gpu{i}", "port": p, "max_queue": 1} for i, p in enumerate(ports)]
+        for name in ["lead"] + [f"edge{i}" for i in range(args.edges)]:
+            coords.append(procs.start_balancer(work, f"{name}{n}", backends, health_check=HEALTH_CHECK,
+                                               storage={"dir": str(work / f"{name}{n}-data"), "url": url}))
+            await asyncio.to_thread(coords[-1].wait_ready, "/lb/ready", 30)
+        await asyncio.to_thread(procs.wait_backends, coords[0], {f"gpu{i}" for i in range(n)})
+        while sum(len(e["linked"]) == n for e in json.loads(await asyncio.to_thread(
+                _read, coords[0].url + "/lb/stats"))["edges"]) < args.edges:
+            await asyncio.sleep(0.2)  # other processes: nothing to wait on but their answers
+        urls = [coords[1 + i % args.edges].url for i in range(n)]
+        pids = {"lb": coords[0].popen.pid, "peers": peers_pid, "bench": os.getpid()}
+        pids |= {f"edge{i}": c.popen.pid for i, c in enumerate(coords[1:])}
+        out = await measure(urls, f"http://127.0.0.1:{ports[0]}", args, pids)
+        out["cpu"]["edges"] = sum(v for k, v in out["cpu"].items() if k.startswith("edge"))
+        return out
+    finally:
+        for c in coords:
+            c.stop()
+        server.stop()
+
+
+def _read(url: str) -> bytes:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read()
+
+
 async def run_point(n: int, args: argparse.Namespace, work: Path) -> dict:
     argv = [sys.executable, __file__, "--serve-peers", str(n), "--progress", str(args.progress),
             "--previews", str(args.previews), "--kb", str(args.kb)]
@@ -321,6 +356,10 @@ async def run_point(n: int, args: argparse.Namespace, work: Path) -> dict:
         await asyncio.to_thread(lb.wait_ready, "/system_stats", 30)
         await asyncio.to_thread(procs.wait_backends, lb, {f"gpu{i}" for i in range(n)})
         out["lb"] = await measure([lb.url] * n, f"http://127.0.0.1:{ports[0]}", args, {"lb": lb.popen.pid, "peers": peers.pid, "bench": os.getpid()})
+        if args.edges:
+            lb.stop()
+            lb = None
+            out["edges"] = await through_edges(n, ports, args, work, peers.pid)
         return out
     finally:
         if lb is not None:
@@ -350,6 +389,8 @@ async def main() -> None:
     ap.add_argument("--kb", type=float, default=50, help="KB per preview")
     ap.add_argument("--seconds", type=float, default=10, help="measured window per N")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct baseline")
+    ap.add_argument("--edges", type=int, default=0,
+                    help="also run each N through a leader and this many stand-bys relaying as edges (PostgreSQL)")
     ap.add_argument("--serve-peers", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_peers:
@@ -370,6 +411,14 @@ async def main() -> None:
         print(row(n, results[n]), flush=True)
         if results[n]["lb"]["late"]:
             print(f"     ({results[n]['lb']['late']} clients still waited for window messages after 30 s)")
+        e = results[n].get("edges")
+        if e:
+            one = results[n]["lb"]
+            per = [f"{1000 * r['cpu'][k] / 100 / max(r['msgs'], 1):.2f}" for r, k in ((one, "lb"), (e, "lb"))]
+            print(f"     through a leader + {args.edges} edges: {e['msgs']:.0f} msgs/s, p50 {e['p50']:.1f} p99 "
+                  f"{e['p99']:.1f} ms, lost {e['lost']}; CPU leader {e['cpu']['lb']:.0f}% + edges "
+                  f"{e['cpu']['edges']:.0f}%; leader CPU ms per 1000 messages: alone {per[0]}, with edges {per[1]} "
+                  f"(ratio {float(per[1]) / max(float(per[0]), 1e-9):.2f})", flush=True)
     ok = []  # N in increasing order, up to the first that fails
     for n in sorted(gpus):
         r = results[n]["lb"]

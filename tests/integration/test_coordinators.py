@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -82,6 +83,18 @@ class Sampler:
         return self.most
 
 
+def edges_of(lb: procs.Proc, names: set[str], count: int = 1, timeout: float = 60) -> list[dict]:
+    """The leader's edges once `count` of them link to every named peer (a stand-by starting up
+    links to the peers itself before the leader sends prompts through it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        edges = _get(lb.url + "/lb/stats")["edges"]
+        if sum(names <= set(e["linked"]) for e in edges) >= count:
+            return edges
+        time.sleep(0.2)  # another process: nothing to wait on but its answers
+    raise AssertionError(f"no {count} edge(s) linked to {names} at {lb.url}: {edges}")
+
+
 def ran_on(peers, ids: list[str]) -> Counter[str]:
     """How many peers' own histories hold each prompt: 1 means it ran exactly once."""
     seen: Counter[str] = Counter()
@@ -114,6 +127,7 @@ def terminals(*clients: Client) -> Counter[str]:
 
 async def test_clients_on_both_coordinators_each_prompt_once_each_client_its_own(pair, peers):
     a, b, _ = pair
+    edges_of(a, {p.name for p in peers})
     assert _get(a.url + "/lb/ready") == {"ready": True, "role": "leader"}
     assert _get(b.url + "/lb/ready") == {"ready": True, "role": "standby"}
     # a page on another site gets no further through a stand-by than through the leader
@@ -145,6 +159,7 @@ async def test_clients_on_both_coordinators_each_prompt_once_each_client_its_own
 
 async def test_the_leader_killed_mid_run_the_other_takes_over_and_it_rejoins(pair, peers):
     a, b, start = pair
+    edges_of(a, {p.name for p in peers})  # b's clients' prompts go through it: it takes over its own edge's
     picture = os.urandom(2048)
     async with Client(a.url) as ca, Client(b.url) as cb:
         form = aiohttp.FormData()
@@ -189,6 +204,49 @@ async def test_the_leader_killed_mid_run_the_other_takes_over_and_it_rejoins(pai
             await c.__aexit__(None, None, None)
 
 
+async def test_a_stand_by_relays_its_clients_progress_and_its_death_loses_nothing(pair, peers):
+    a, b, start = pair
+    names = {p.name for p in peers}
+    edges_of(a, names)
+    async with Client(b.url) as cb:
+        run = await cb.run(sleep_prompt(2.0, "edge"))
+        progress = run.types().count("progress")
+        assert run.types().count("execution_success") == 1 and progress >= 100
+        assert run.types().index("execution_start") < run.types().index("progress")
+        # the stand-by sent them, not the leader: it says how many it relayed itself
+        (edge,) = _get(a.url + "/lb/stats")["edges"]
+        assert 100 <= edge["relayed"] <= progress + run.types().count("progress_state") and edge["clients"] == 1
+        ids = [(await cb.queue(sleep_prompt(3.0, "edge-dies")))[1]["prompt_id"] for _ in range(4)]
+        await cb.until(lambda: sum("execution_start" in cb.runs[p].types() for p in ids) >= 2, 60)
+        b.signal(signal.SIGKILL)  # mid-run: its prompts' peers were sending their events to it
+        b.popen.wait(10)
+        before = terminals(cb)
+        at_kill = {p: (cb.runs[p].types(), _get(a.url + f"/lb/tasks/{p}")) for p in ids}
+        client_id = cb.client_id
+    again = await reconnect(a.url, client_id)
+    try:
+        for pid in ids:
+            if before[pid] == 0:
+                again._track(pid)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in again.runs.values())), 120)
+        except asyncio.TimeoutError:
+            raise AssertionError(({p: r.types() for p, r in again.runs.items()}, at_kill, ran_on(peers, ids),
+                                  {p: _get(a.url + f"/lb/tasks/{p}") for p in again.runs})) from None
+        after = terminals(again)
+        assert sum(before[pid] == 0 for pid in ids) >= 2
+        assert all(before[pid] + after[pid] == 1 for pid in ids), (before, after)
+        assert all("execution_success" in again.runs[p].types() for p in ids if before[p] == 0)
+        assert set(ran_on(peers, ids).values()) == {1}
+        back = start("b2")  # it comes back, standing by, and relays again
+        procs.wait_backends(back, names)
+        edges_of(a, names)
+        async with Client(back.url) as cback:
+            assert (await cback.run(sleep_prompt(0.5, "edge-back"))).types().count("progress") >= 10
+    finally:
+        await again.__aexit__(None, None, None)
+
+
 async def test_inside_comfyui_a_second_coordinator_stands_by_and_takes_over(comfy_env, workdir, peers, postgres):
     """Two ComfyUIs with ComfyLB on one database: one leads, the other stands by — prompts and
     its web UI's API go through it to the leader — and after `kill -9` of the leader it leads
@@ -219,9 +277,11 @@ async def test_inside_comfyui_a_second_coordinator_stands_by_and_takes_over(comf
             async with s.post(leader.url + "/lb/backends", json={"name": "standby", "host": "127.0.0.1",
                                                                  "port": other.port}) as r:
                 assert r.status == 400 and "itself" in (await r.json())["error"]
+        edges_of(leader, {peers[0].name})  # the stand-by links to the peer under its own id
         async with Client(other.url) as c:
-            run = await c.run(sleep_prompt(0.1, "inside"))
+            run = await c.run(sleep_prompt(0.5, "inside"))
             assert "execution_success" in run.types()
+            assert run.types().count("progress") >= 10  # relayed by the stand-by itself (an edge)
         assert ran_on(peers[:1], [run.prompt_id])[run.prompt_id] == 1
         picture = os.urandom(4096)
         form = aiohttp.FormData()

@@ -414,10 +414,10 @@ async def main() -> None:
         e = results[n].get("edges")
         if e:
             one = results[n]["lb"]
-            per = [f"{1000 * r['cpu'][k] / 100 / max(r['msgs'], 1):.2f}" for r, k in ((one, "lb"), (e, "lb"))]
+            per = [f"{1e6 * r['cpu'][k] / 100 / max(r['msgs'], 1):.1f}" for r, k in ((one, "lb"), (e, "lb"))]
             print(f"     through a leader + {args.edges} edges: {e['msgs']:.0f} msgs/s, p50 {e['p50']:.1f} p99 "
                   f"{e['p99']:.1f} ms, lost {e['lost']}; CPU leader {e['cpu']['lb']:.0f}% + edges "
-                  f"{e['cpu']['edges']:.0f}%; leader CPU ms per 1000 messages: alone {per[0]}, with edges {per[1]} "
+                  f"{e['cpu']['edges']:.0f}%; leader CPU µs per message: alone {per[0]}, with edges {per[1]} "
                   f"(ratio {float(per[1]) / max(float(per[0]), 1e-9):.2f})", flush=True)
     ok = []  # N in increasing order, up to the first that fails
     for n in sorted(gpus):

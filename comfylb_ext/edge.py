@@ -87,7 +87,8 @@ class Edge:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(auto_decompress=False)
+        # one websocket per peer, all open at once: no cap on connections
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         self._task = asyncio.ensure_future(self._control())
 
     async def close(self) -> None:
@@ -108,13 +109,14 @@ class Edge:
                     async with self._session.ws_connect(url.rstrip("/") + "/lb/edge", heartbeat=HEARTBEAT,
                                                         max_msg_size=WS_MAX_MESSAGE,
                                                         headers={HEADER: sign(secret, self.id)}) as ws:
-                        self._ws, without_since = ws, None
+                        without_since = None
                         log.info("edge %s: relaying for the leader at %s", self.id[-8:], url)
-                        await self._say({"linked": self._linked()})
-                        await self._say({"holds": sorted(self.clients)})
-                        while self._outbox and self._ws is not None:
+                        await ws.send_str(json.dumps({"linked": self._linked()}))
+                        await ws.send_str(json.dumps({"holds": sorted(self.clients)}))
+                        while self._outbox:  # in order: what arrives meanwhile joins the end
                             kind, body = self._outbox.popleft()
                             await (ws.send_str(body) if kind == "text" else ws.send_bytes(body))
+                        self._ws = ws
                         async for msg in ws:
                             if msg.type == aiohttp.WSMsgType.TEXT:
                                 await self._told(json.loads(msg.data))
@@ -175,8 +177,11 @@ class Edge:
     def _linked(self) -> list[str]:
         return sorted(name for name, p in self.peers.items() if p.linked)
 
-    async def _say(self, message: dict) -> None:
-        await self._to_leader("text", json.dumps(message))
+    async def _say(self, message: dict, keep: bool = True) -> None:
+        """`keep`: False for what it says again anyway when it reaches a leader (its links,
+        its clients): not kept while there is none, so never said out of date."""
+        if keep or self._ws is not None:
+            await self._to_leader("text", json.dumps(message))
 
     async def _to_leader(self, kind: str, body: Any) -> None:
         ws = self._ws
@@ -192,10 +197,10 @@ class Edge:
 
     # -- what its peers say (peer.PeerListener) ------------------------------------------------
     async def on_link_up(self, peer: Peer) -> None:
-        await self._say({"linked": self._linked()})
+        await self._say({"linked": self._linked()}, keep=False)
 
     async def on_link_down(self, peer: Peer, reason: str) -> None:
-        await self._say({"linked": self._linked()})
+        await self._say({"linked": self._linked()}, keep=False)
 
     async def on_message(self, peer: Peer, msg: dict) -> None:
         event, data = msg.get("type"), msg.get("data")
@@ -251,7 +256,7 @@ class Edge:
             group.discard(b)
             if not group:
                 del self.clients[str(b.sid)]
-                await self._say({"holds": sorted(self.clients)})
+                await self._say({"holds": sorted(self.clients)}, keep=False)
 
     async def from_client(self, b: Bridged, text: str) -> Send | None:
         """A client's first message may announce what it reads (feature_flags)."""
@@ -286,7 +291,7 @@ class Edge:
             fresh = b.sid not in self.clients
             self.clients.setdefault(b.sid, set()).add(b)
             if fresh:
-                await self._say({"holds": sorted(self.clients)})
+                await self._say({"holds": sorted(self.clients)}, keep=False)
             return None
         pid = data.get("prompt_id")
         if not isinstance(pid, str) or pid in b.ended:
@@ -315,7 +320,7 @@ class Edge:
                 b.held.setdefault(pid, collections.deque(maxlen=HELD_MAX)).append(frame(b))
         if self.relayed - self._told_relayed >= TELL_RELAYED:
             self._told_relayed = self.relayed
-            await self._say({"relayed": self.relayed})
+            await self._say({"relayed": self.relayed}, keep=False)
 
     async def _send(self, b: Bridged, frame: Frame) -> None:
         kind, body = frame

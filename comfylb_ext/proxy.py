@@ -52,7 +52,9 @@ class Forwarder:
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+        # every client's websocket is one connection to the leader, held for as long as it is open
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+                                             timeout=aiohttp.ClientTimeout(total=None))
         if self.edge is not None:
             await self.edge.start()
 

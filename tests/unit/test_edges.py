@@ -182,3 +182,50 @@ async def test_an_edge_cannot_speak_for_prompts_not_sent_through_it():
 async def test_garbage_signatures_are_401s_not_errors(header):
     async with lb_over_sims(1) as (url, sims, cluster):
         assert await _connect(url, {HEADER: header}) == 401
+
+
+async def test_an_edge_links_to_more_peers_than_a_connection_pool_holds():
+    """One websocket per peer, all open at once (aiohttp's default pool holds 100: the
+    101st peer never linked, and a leader of a large fleet sent nothing through the edge)."""
+    linked: asyncio.Queue = asyncio.Queue()
+
+    async def peer_ws(request: web.Request) -> web.WebSocketResponse:  # a ComfyUI's /ws, enough to link
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    async def leader_ws(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({"peers": [{"name": f"p{i}", "host": "127.0.0.1", "port": port} for i in range(130)]})
+        async for msg in ws:
+            said = json.loads(msg.data)
+            if "linked" in said:
+                await linked.put(len(said["linked"]))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", peer_ws)
+    app.router.add_get("/lb/edge", leader_ws)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+
+    async def leader():
+        return f"http://127.0.0.1:{port}"
+
+    async def secret():
+        return "s" * 64
+    edge = Edge(leader, secret)
+    await edge.start()
+    try:
+        async def all_linked() -> None:
+            while await linked.get() < 130:
+                pass
+        await asyncio.wait_for(all_linked(), 30)
+    finally:
+        await edge.close()
+        await runner.cleanup()

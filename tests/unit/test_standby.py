@@ -2,6 +2,8 @@
 shape its caller reads (ComfyUI's error dict for ComfyUI's routes, ComfyLB's on /lb/*)."""
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -136,3 +138,15 @@ async def test_a_websocket_the_leader_refuses_is_refused_not_a_missing_leader(th
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await s.ws_connect(through + "/ws?clientId=c1", headers={"Origin": EVIL})
     assert refused.value.status == 403  # not 503 + Retry-After: retrying would never help
+
+
+async def test_more_websockets_than_a_connection_pool_holds_all_go_through(through):
+    """Each is a connection to the leader for as long as it is open (aiohttp's default pool
+    holds 100: the 101st client waited for ever)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        sockets = await asyncio.wait_for(asyncio.gather(*(s.ws_connect(through + f"/ws?clientId=c{i}")
+                                                          for i in range(150))), 30)
+        for i, ws in enumerate(sockets):
+            await ws.send_str(f"{i}")
+        assert [(await ws.receive(timeout=10)).data for ws in sockets] == [f"echo:{i}" for i in range(150)]
+        await asyncio.gather(*(ws.close() for ws in sockets))

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from .config import ConfigError, parse_backend
 from .delivery import Send
-from .edges import GRACE, HEADER, HEARTBEAT, sign
+from .edges import CONNECT_WITHIN, GRACE, HEADER, HEARTBEAT, sign
 from .peer import WS_MAX_MESSAGE, Peer
 from .relay import PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA, legacy_preview, parse_preview
 
@@ -83,6 +83,7 @@ class Edge:
         self._progress_told: dict[str, float] = {}
         self._outbox: collections.deque = collections.deque(maxlen=OUTBOX_MAX)
         self._ws: Any = None  # aiohttp.ClientWebSocketResponse while connected
+        self._draining = False
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
 
@@ -106,17 +107,21 @@ class Edge:
             url, secret = await self.leader(), await self.secret()
             if url and secret and self._session is not None:
                 try:
-                    async with self._session.ws_connect(url.rstrip("/") + "/lb/edge", heartbeat=HEARTBEAT,
-                                                        max_msg_size=WS_MAX_MESSAGE,
-                                                        headers={HEADER: sign(secret, self.id)}) as ws:
+                    # a leader that hangs must not keep this edge's id past GRACE
+                    connecting = self._session.ws_connect(url.rstrip("/") + "/lb/edge", heartbeat=HEARTBEAT,
+                                                          max_msg_size=WS_MAX_MESSAGE,
+                                                          headers={HEADER: sign(secret, self.id)})
+                    async with await asyncio.wait_for(connecting, CONNECT_WITHIN) as ws:
                         without_since = None
+                        self._draining = True  # what it says meanwhile joins the end of the outbox
                         log.info("edge %s: relaying for the leader at %s", self.id[-8:], url)
                         await ws.send_str(json.dumps({"linked": self._linked()}))
                         await ws.send_str(json.dumps({"holds": sorted(self.clients)}))
-                        while self._outbox:  # in order: what arrives meanwhile joins the end
-                            kind, body = self._outbox.popleft()
+                        while self._outbox:
+                            kind, body = self._outbox[0]
                             await (ws.send_str(body) if kind == "text" else ws.send_bytes(body))
-                        self._ws = ws
+                            self._outbox.popleft()  # sent: a failed send keeps it for the next leader
+                        self._ws, self._draining = ws, False
                         async for msg in ws:
                             if msg.type == aiohttp.WSMsgType.TEXT:
                                 await self._told(json.loads(msg.data))
@@ -128,7 +133,7 @@ class Edge:
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
                     log.info("edge: no socket to the leader (%s)", e)
                 finally:
-                    self._ws = None
+                    self._ws, self._draining = None, False
             now = time.monotonic()
             without_since = without_since or now
             if now - without_since > GRACE and self.peers:
@@ -180,7 +185,7 @@ class Edge:
     async def _say(self, message: dict, keep: bool = True) -> None:
         """`keep`: False for what it says again anyway when it reaches a leader (its links,
         its clients): not kept while there is none, so never said out of date."""
-        if keep or self._ws is not None:
+        if keep or self._ws is not None or self._draining:
             await self._to_leader("text", json.dumps(message))
 
     async def _to_leader(self, kind: str, body: Any) -> None:
@@ -200,6 +205,7 @@ class Edge:
         await self._say({"linked": self._linked()}, keep=False)
 
     async def on_link_down(self, peer: Peer, reason: str) -> None:
+        self.running.pop(peer.name, None)  # frames without a prompt id are not placed until it says again
         await self._say({"linked": self._linked()}, keep=False)
 
     async def on_message(self, peer: Peer, msg: dict) -> None:

@@ -33,7 +33,7 @@ from aiohttp import web
 from . import jsonsafe
 from .access import matches
 from .config import BackendConfig
-from .peer import WS_MAX_MESSAGE, Peer, _well_formed
+from .peer import WS_MAX_MESSAGE, Peer, _well_formed, _well_formed_binary
 from .relay import PREVIEW_IMAGE_WITH_METADATA, Relay, parse_preview
 from .tasks import Task
 
@@ -42,11 +42,16 @@ log = logging.getLogger(__name__)
 HEADER = "X-ComfyLB-Edge"     # "<edge id> <unix time> <hex HMAC-SHA256 of 'edge <id> <time>'>"
 SKEW = 300                    # seconds a signature stays good
 ID = re.compile(r"comfylb-edge-[0-9a-f]{32}")
-GRACE = 5.0                   # seconds an edge without a leader keeps its id (edge.py)
-ADOPT_AFTER = 2 * GRACE       # seconds after an edge went before its id is adopted
-HEARTBEAT = GRACE             # on the edge's socket, both ways
+# An edge that lost the leader notices within 1.5 HEARTBEAT of the leader noticing, and lets
+# its id go (closing its links under it) GRACE later, a connect attempt (CONNECT_WITHIN) at
+# most after that: well before the leader adopts the id, which a peer must never see twice.
+HEARTBEAT = 3.0               # seconds, on the edge's socket, both ways
+GRACE = 3.0                   # seconds an edge without a leader keeps its id (edge.py)
+CONNECT_WITHIN = 1.0          # seconds an edge's attempt to reach the leader may take
+ADOPT_AFTER = 10.0            # seconds after an edge went before its id is adopted
 MAX_HOLDS = 100_000           # client ids one edge may say it holds
 MAX_NAMES = 10_000            # peer names one edge may say it links to
+SWEEP_EVERY = 5.0             # seconds between looks for adopted links nothing runs under any more
 RESEND_AFTER = 1.0            # seconds after an edge went that its clients' latest results go again …
 RESENT = 2.0                  # … those sent to them up to this long before it went
 
@@ -108,8 +113,10 @@ class Edges:
         self.edges: dict[str, _Edge] = {}
         self._holders: dict[str, set[str]] = {}    # client id → edges holding a socket of it
         self._adopting: dict[str, asyncio.TimerHandle] = {}
+        self._resending: dict[str, asyncio.TimerHandle] = {}
         self.adopted: dict[tuple[str, str], Peer] = {}  # (edge id, peer name) → our link under its id
         self.gone: set[str] = set()                 # ids adopted: never again an edge's
+        self._sweeping: asyncio.Task | None = None
 
     # -- dispatch --------------------------------------------------------------------------
     def via(self, task: Task, peer: Peer) -> str | None:
@@ -148,7 +155,8 @@ class Edges:
         """The peers an edge links to: a loopback address means the leader's machine, so
         those only to an edge on it."""
         return [asdict(p.cfg) for p in self.peers.values()
-                if not p.removed and (edge.local or not _loopback(p.cfg.host))]
+                if (not p.removed or any(t.via == edge.id for t in p.tasks.values()))  # those finish there
+                and (edge.local or not _loopback(p.cfg.host))]
 
     # -- an edge's socket -----------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -165,9 +173,10 @@ class Edges:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=WS_MAX_MESSAGE)
         await ws.prepare(request)
         edge = self.edges[edge_id] = _Edge(edge_id, ws, _loopback(request.remote))
-        timer = self._adopting.pop(edge_id, None)
-        if timer is not None:
-            timer.cancel()
+        for timers in (self._adopting, self._resending):
+            timer = timers.pop(edge_id, None)
+            if timer is not None:
+                timer.cancel()  # it is back: what it passed on went out
         log.info("edge %s connected from %s", edge_id[-8:], request.remote)
         self.changed()
         try:
@@ -180,8 +189,8 @@ class Edges:
                             await self._said(edge, said)
                     elif msg.type == aiohttp.WSMsgType.BINARY:
                         await self._binary(edge, msg.data)
-                except ValueError as e:
-                    log.warning("edge %s: message ignored: %s", edge_id[-8:], e)
+                except Exception as e:  # noqa: BLE001 - ValueError, RecursionError …: that message, not the link
+                    log.warning("edge %s: message ignored: %s: %s", edge_id[-8:], e.__class__.__name__, e)
         finally:
             del self.edges[edge_id]
             for sid in edge.holds:
@@ -189,7 +198,8 @@ class Edges:
             # what it was passing on to its clients may have gone with it: theirs again, once
             # their sockets through it are gone here too
             sent = {sid: self.relay.sent.since(sid, RESENT) for sid in edge.holds}
-            asyncio.get_running_loop().call_later(RESEND_AFTER, lambda: self.spawn(self._resend(sent)))
+            self._resending[edge_id] = asyncio.get_running_loop().call_later(
+                RESEND_AFTER, lambda: self.spawn(self._resend(edge_id, sent)))
             log.info("edge %s went", edge_id[-8:])
             self.changed()
             if self._prompts_of(edge_id):
@@ -232,7 +242,7 @@ class Edges:
         n = int.from_bytes(data[:2], "big")
         name, frame = data[2:2 + n].decode("utf-8", "replace"), data[2 + n:]
         peer = self.peers.get(name)
-        if peer is None or len(frame) < 4:
+        if peer is None or not _well_formed_binary(frame):
             return
         if int.from_bytes(frame[:4], "big") == PREVIEW_IMAGE_WITH_METADATA:
             parsed = parse_preview(frame[4:])
@@ -250,7 +260,8 @@ class Edges:
         task = peer.tasks.get(pid) if peer is not None and isinstance(pid, str) else None
         return peer if task is not None and task.via == edge.id else None
 
-    async def _resend(self, sent: dict[str, list[tuple[str, Any]]]) -> None:
+    async def _resend(self, edge_id: str, sent: dict[str, list[tuple[str, Any]]]) -> None:
+        self._resending.pop(edge_id, None)
         for sid, results in sent.items():
             await self.relay.resend(sid, results)
 
@@ -291,6 +302,23 @@ class Edges:
                         _Adoptee(self, peer, edge_id), peer.request_timeout)
             self.adopted[(edge_id, name)] = link
             link.start()
+        if self.adopted and self._sweeping is None:
+            self._sweeping = self.spawn(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Adopted links whose prompts left by another way than their end (cancelled,
+        taken back, requeued, their peer lost) close too."""
+        try:
+            while self.adopted:
+                await asyncio.sleep(SWEEP_EVERY)
+                for edge_id, name in list(self.adopted):
+                    peer = self.peers.get(name)
+                    if peer is None:
+                        await self.adopted.pop((edge_id, name)).stop()
+                    else:
+                        await self._release(edge_id, peer)
+        finally:
+            self._sweeping = None
 
     async def _release(self, edge_id: str, peer: Peer) -> None:
         """Nothing of the gone edge's runs on `peer` any more: its id's link there closes."""
@@ -301,7 +329,7 @@ class Edges:
             await link.stop()
 
     async def close(self) -> None:
-        for timer in self._adopting.values():
+        for timer in [*self._adopting.values(), *self._resending.values()]:
             timer.cancel()
         await asyncio.gather(*(link.stop() for link in self.adopted.values()), return_exceptions=True)
 

@@ -126,6 +126,36 @@ async def test_an_edge_gone_mid_prompt_has_its_id_adopted_and_nothing_is_lost(mo
         assert len(sims[0].sim.history) == 1
 
 
+async def test_a_peer_removed_while_it_runs_a_prompt_sent_through_an_edge_still_finishes_it():
+    async with lb_over_sims(2) as (url, sims, cluster), edge_of(url, cluster) as (edge_url, edge):
+        async with Client(edge_url) as c:
+            await holds(cluster, c.client_id)
+            _, body, run = await c.queue(sleep_prompt(0.5))
+            pid = body["prompt_id"]
+            await c.until(lambda: "execution_start" in run.types())
+            assert cluster.tasks[pid].via == edge.id
+            name = cluster.tasks[pid].peer
+            await cluster.remove_peer(name)  # "prompts already there finish and are still relayed"
+            await asyncio.wait_for(run.done.wait(), 20)
+        assert run.types().count("execution_success") == 1 and cluster.record[pid].state == "done"
+        await wait_for(lambda: name not in cluster.peers, cluster)  # then it goes
+
+
+async def test_a_blip_on_an_edges_socket_sends_nothing_twice():
+    async with lb_over_sims(1) as (url, sims, cluster), edge_of(url, cluster) as (edge_url, edge):
+        async with Client(edge_url) as c:
+            await holds(cluster, c.client_id)
+            run = await c.run(sleep_prompt(0.1))
+            told = run.types()
+            await cluster.edges.edges[edge.id].ws.close()  # the edge and its clients' sockets stay
+            await wait_for(lambda: edge.id not in cluster.edges.edges, cluster)
+            assert edge.id in cluster.edges._resending  # were it gone, its clients would get their results again
+            await wait_for(lambda: edge.id in cluster.edges.edges, cluster)  # back, with its id
+            assert edge.id not in cluster.edges._resending
+            again = await c.run(sleep_prompt(0.1))
+        assert run.types() == told and again.types().count("execution_success") == 1
+
+
 # -- hostile input ----------------------------------------------------------------------------
 async def _connect(url: str, headers: dict) -> int:
     async with aiohttp.ClientSession() as s:
@@ -170,6 +200,8 @@ async def test_an_edge_cannot_speak_for_prompts_not_sent_through_it():
             await rogue.send_str("{" * 5000)
             await rogue.send_str("not json")
             await rogue.send_bytes(b"\x00\x04sim0" + struct.pack(">II", 4, 2) + b"{}")
+            deep = b"[" * 200_000  # a preview's metadata nested past any parser's depth
+            await rogue.send_bytes(b"\x00\x04sim0" + struct.pack(">II", 4, len(deep)) + deep)
             await rogue.send_bytes(b"\x00")
             await asyncio.wait_for(run.done.wait(), 20)
             assert not rogue.closed  # refused what it said, not the link

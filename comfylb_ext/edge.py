@@ -32,7 +32,7 @@ from .config import ConfigError, parse_backend
 from .delivery import Send
 from .edges import CONNECT_WITHIN, GRACE, HEADER, HEARTBEAT, sign
 from .peer import WS_MAX_MESSAGE, Peer
-from .relay import PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA, legacy_preview, parse_preview
+from .relay import PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA, frame_prompt, legacy_preview, parse_preview
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,8 @@ class Edge:
             return  # its status broadcasts: the leader hears them on its own link
         sid = self.prompts.get(pid)
         if sid is not None and event in HEAVY and sid in self.clients:
-            await self._to_clients(sid, pid, lambda b: ("text", json.dumps(msg)))
+            text = json.dumps(msg)  # once, whatever number of sockets the client has here
+            await self._to_clients(sid, pid, lambda b: ("text", text))
             if event == "progress":
                 await self._progress(peer, pid, data)
             return
@@ -229,21 +230,22 @@ class Edge:
 
     async def on_binary(self, peer: Peer, data: bytes) -> None:
         kind = int.from_bytes(data[:4], "big")
-        if kind == PREVIEW_IMAGE_WITH_METADATA:
-            parsed = parse_preview(data[4:])
-            pid = parsed[0].get("prompt_id") if parsed else None
-        else:
-            parsed, pid = None, self.running.get(peer.name)
-        sid = self.prompts.get(pid) if isinstance(pid, str) else None
-        if sid is None or sid not in self.clients:
+        pid = frame_prompt(kind, data[4:], self.running.get(peer.name))
+        sid = self.prompts.get(pid) if pid else None
+        if pid is None or sid is None or sid not in self.clients:
             name = peer.name.encode()
             await self._to_leader("bytes", len(name).to_bytes(2, "big") + name + data)
             return
-        if parsed is None:
-            await self._to_clients(sid, str(pid), lambda b: ("bytes", data))
-            return
-        legacy = PREVIEW_IMAGE.to_bytes(4, "big") + legacy_preview(*parsed)
-        await self._to_clients(sid, str(pid), lambda b: ("bytes", data if b.metadata else legacy))
+        legacy: list[bytes] = []  # made once, for the first socket that wants a legacy preview
+
+        def frame(b: Bridged) -> Frame:
+            if kind != PREVIEW_IMAGE_WITH_METADATA or b.metadata:
+                return "bytes", data
+            if not legacy:
+                parsed = parse_preview(data[4:])
+                legacy.append(PREVIEW_IMAGE.to_bytes(4, "big") + legacy_preview(*parsed) if parsed else data)
+            return "bytes", legacy[0]
+        await self._to_clients(sid, pid, frame)
 
     async def _progress(self, peer: Peer, pid: str, data: dict) -> None:
         """The leader shows the running prompt's progress on the panel: told now and then."""
@@ -253,9 +255,6 @@ class Edge:
             await self._say({"peer": peer.name, "progress": data})
 
     # -- its clients' sockets (proxy.py) ---------------------------------------------------------
-    def opened(self, ws: web.WebSocketResponse) -> Bridged:
-        return Bridged(ws)
-
     async def closed(self, b: Bridged) -> None:
         group = self.clients.get(b.sid or "")
         if group is not None:

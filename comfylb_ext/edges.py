@@ -34,7 +34,7 @@ from . import jsonsafe
 from .access import matches
 from .config import BackendConfig
 from .peer import WS_MAX_MESSAGE, Peer, _well_formed, _well_formed_binary
-from .relay import PREVIEW_IMAGE_WITH_METADATA, Relay, parse_preview
+from .relay import Relay, frame_prompt
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -244,12 +244,8 @@ class Edges:
         peer = self.peers.get(name)
         if peer is None or not _well_formed_binary(frame):
             return
-        if int.from_bytes(frame[:4], "big") == PREVIEW_IMAGE_WITH_METADATA:
-            parsed = parse_preview(frame[4:])
-            pid = parsed[0].get("prompt_id") if parsed else None
-        else:
-            pid = peer.running
-        task = peer.tasks.get(pid) if isinstance(pid, str) else None
+        pid = frame_prompt(int.from_bytes(frame[:4], "big"), frame[4:], peer.running)
+        task = peer.tasks.get(pid) if pid else None
         if task is not None and task.via == edge.id:
             await self.events.on_binary(peer, frame)
 

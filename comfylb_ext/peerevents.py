@@ -19,7 +19,7 @@ from .notify import Notifier
 from .outputs import Outputs
 from .peer import Peer, PeerError
 from .recovery import TERMINAL_EVENTS, Recovery
-from .relay import PREVIEW_IMAGE_WITH_METADATA, Relay, parse_preview, without_asset_ids
+from .relay import PREVIEW_IMAGE_WITH_METADATA, Relay, frame_prompt, without_asset_ids
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -116,14 +116,13 @@ class PeerEvents:
             return
         event = int.from_bytes(data[:4], "big")
         payload = data[4:]
-        if event == PREVIEW_IMAGE_WITH_METADATA:
-            parsed = parse_preview(payload)
-            task = peer.tasks.get(str(parsed[0].get("prompt_id"))) if parsed else None
-            if task is not None:
-                await self.relay.preview(task.client_id, payload, task.prompt_id)
+        pid = frame_prompt(event, payload, peer.running)
+        task = peer.tasks.get(pid) if pid else None
+        if task is None:
             return
-        task = peer.tasks.get(peer.running) if peer.running else None
-        if task is not None:
+        if event == PREVIEW_IMAGE_WITH_METADATA:
+            await self.relay.preview(task.client_id, payload, task.prompt_id)
+        else:
             await self.relay.binary(task.client_id, event, payload, task.prompt_id)
 
     # -- the end of a prompt -------------------------------------------------------------

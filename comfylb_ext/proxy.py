@@ -160,7 +160,7 @@ async def _bridge(request: web.Request, session: aiohttp.ClientSession, url: URL
     client = web.WebSocketResponse(max_msg_size=MAX_UPLOAD_SIZE, heartbeat=30.0)
     await client.prepare(request)
     sockets.add(client)
-    bridged = edge.opened(client) if edge is not None else None
+    bridged = Bridged(client) if edge is not None else None
 
     async def pump(src: Any, dst: Any, seen: Callable[[Bridged, str], Awaitable[Send | None]] | None) -> None:
         async for msg in src:  # either side: a server's or a client's websocket

@@ -74,6 +74,16 @@ def parse_preview(payload: bytes) -> tuple[dict, bytes] | None:
     return (meta, payload[4 + n:]) if isinstance(meta, dict) else None
 
 
+def frame_prompt(event: int, payload: bytes, running: str | None) -> str | None:
+    """The prompt a peer's binary frame belongs to: a preview with metadata names it (None
+    if it names none); any other frame is the one its peer is running."""
+    if event != PREVIEW_IMAGE_WITH_METADATA:
+        return running
+    parsed = parse_preview(payload)
+    pid = parsed[0].get("prompt_id") if parsed else None
+    return pid if isinstance(pid, str) else None
+
+
 def legacy_preview(meta: dict, image: bytes) -> bytes:
     """Type-4 → type-1 payload: u32 format (1 = JPEG, 2 = PNG) + image."""
     fmt = 1 if "jpeg" in str(meta.get("image_type", "")) else 2

@@ -45,6 +45,8 @@ HELD_MAX = 64            # frames of one prompt held for one socket until its tu
 PROMPTS_MAX = 100_000    # prompts it was told of and has not seen end
 OUTBOX_MAX = 10_000      # messages for the leader kept while there is none
 PROGRESS_EVERY = 0.5     # seconds between the progress it tells the leader of, per prompt (for the panel)
+# progress and progress_state as both hosts spell them (json.dumps of {"type", "data"})
+_PROGRESS = '{"type": "progress'
 ENDED_KEPT = 1000        # prompts remembered per socket as ended
 RETRY = 0.5              # seconds between attempts to reach the leader
 TELL_RELAYED = 100       # the leader hears how many messages it relayed, in steps of this many
@@ -282,8 +284,8 @@ class Edge:
         the client's id (the leader hears it holds the client before the client can submit);
         one may start or end a prompt's turn.  Returns what to send after it: progress held
         for a prompt whose turn it starts."""
-        if b.sid is not None and '"prompt_id"' not in text:
-            return None
+        if b.sid is not None and ('"prompt_id"' not in text or text.startswith(_PROGRESS)):
+            return None  # most of what passes: nothing to parse (other spellings are parsed)
         try:
             said = json.loads(text)
         except ValueError:
